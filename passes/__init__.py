@@ -1,0 +1,3 @@
+"""carve's rewrite passes, one module per family; importing this package registers them all."""
+
+from passes import cleanup  # noqa: F401

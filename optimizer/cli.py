@@ -1,0 +1,93 @@
+"""The ``carve`` command line. Every user mistake ends as one line on stderr and exit status 2."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from runtime.errors import CarveError
+
+EPILOG = """examples:
+  carve optimize minilm -o out/minilm --compare
+  carve optimize model.onnx -o out/m --passes cleanup --passes 'cse'
+  carve optimize smollm2-135m -o out/llm --recipe recipe.toml
+  carve inspect minilm
+  carve inspect model.onnx --json
+  carve run out/minilm --input input_ids=ids.npy --input attention_mask=mask.npy --save outputs/
+  carve passes
+
+MODEL is an .onnx file, a Hugging Face model directory, an artifact directory, or a built-in
+name (carve models lists them). Set CARVE_DEBUG=1 to see tracebacks."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import optimizer
+
+    parser = argparse.ArgumentParser(prog="carve", description="Optimize transformer models for inference.",
+                                     epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"carve {optimizer.__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    _add_optimize(sub)
+    _add_inspect(sub)
+    _add_run(sub)
+    sub.add_parser("passes", help="list the available passes and their options")
+    sub.add_parser("models", help="list the built-in models")
+    return parser
+
+
+def _add_optimize(sub) -> None:
+    p = sub.add_parser("optimize", help="optimize a model into an artifact directory",
+                       description="Trace or load MODEL, run passes in order, lower to a target, write an artifact.",
+                       epilog="example: carve optimize minilm -o out/minilm --passes cleanup --compare",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", metavar="MODEL")
+    p.add_argument("-o", "--output", required=True, metavar="DIR", help="artifact directory to write")
+    p.add_argument("--passes", action="append", default=[], metavar="SPEC",
+                   help="a pass as 'name:key=value,...' (repeatable; run in order; default: cleanup)")
+    p.add_argument("--recipe", metavar="FILE", help="a TOML recipe listing passes (runs before --passes)")
+    p.add_argument("--target", default="ort-cpu", help="where the artifact will run (default: ort-cpu)")
+    p.add_argument("--compare", action="store_true",
+                   help="time the original and the optimized graph side by side and report accuracy")
+    p.add_argument("--batch", type=int, default=8, help="batch size for --compare (default 8)")
+    p.add_argument("--seq", type=int, default=128, help="sequence length for --compare (default 128)")
+    p.add_argument("--runs", type=int, default=20, help="timed runs per graph for --compare (default 20)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def _add_inspect(sub) -> None:
+    p = sub.add_parser("inspect", help="print a model's map: blocks, attention sites, token axis",
+                       epilog="example: carve inspect minilm --json")
+    p.add_argument("model", metavar="MODEL")
+    p.add_argument("--json", action="store_true", help="print the map as JSON (see docs/inspect.md)")
+
+
+def _add_run(sub) -> None:
+    p = sub.add_parser("run", help="run an artifact on inputs stored as .npy files",
+                       epilog="example: carve run out/minilm --input input_ids=ids.npy --input attention_mask=mask.npy")
+    p.add_argument("artifact", metavar="DIR")
+    p.add_argument("--input", action="append", default=[], metavar="NAME=FILE.npy", help="an input (repeatable)")
+    p.add_argument("--save", metavar="DIR", help="write each output to DIR/NAME.npy")
+    p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from optimizer import cli_commands
+
+    handler = getattr(cli_commands, f"cmd_{args.command}")
+    try:
+        return handler(args) or 0
+    except CarveError as exc:
+        if os.environ.get("CARVE_DEBUG"):
+            raise
+        print(f"carve: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("carve: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""The handlers behind each ``carve`` subcommand (parsing lives in ``optimizer.cli``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+from optimizer.progress import Progress
+from optimizer.report import format_inspect, format_optimize, inspect_json
+from runtime.errors import FeedError
+
+
+def cmd_optimize(args) -> int:
+    from optimizer.api import run_optimize
+
+    progress = Progress(enabled=not args.json)
+    result = run_optimize(args.model, passes=args.passes, target=args.target, output=args.output,
+                          recipe=args.recipe, progress=progress)
+    comparison = None
+    if args.compare:
+        comparison = _compare(result, args, progress)
+    report = {"artifact": str(result.artifact.path), "manifest": result.artifact.manifest,
+              "compare": comparison.to_json() if comparison else None}
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+    else:
+        print(format_optimize(result, comparison, args))
+    return 0
+
+
+def _compare(result, args, progress):
+    from optimizer.compare import compare
+    from optimizer.sources import feeds_for
+
+    session = result.artifact.load()
+    feeds = feeds_for(result.source, session.inputs, args.batch, args.seq)
+    with progress.step(f"comparing original and optimized ({args.runs} interleaved runs each)"):
+        return compare(result.original_bytes, session, feeds, runs=args.runs)
+
+
+def cmd_inspect(args) -> int:
+    from optimizer.sources import resolve
+    from optimizer.structure import build_map
+
+    source = resolve(args.model, progress=Progress(enabled=not args.json))
+    model_map = build_map(source.model)
+    if args.json:
+        print(json.dumps(inspect_json(source, model_map), indent=2))
+    else:
+        print(format_inspect(source, model_map))
+    return 0
+
+
+def cmd_run(args) -> int:
+    import runtime
+
+    session = runtime.load(args.artifact, threads=args.threads)
+    feeds = dict(_read_input(item) for item in args.input)
+    outputs = session.run(feeds)
+    for name, value in outputs.items():
+        stats = f"min {value.min():.6g} max {value.max():.6g} mean {value.mean():.6g}" if value.size and np.issubdtype(value.dtype, np.number) else ""
+        print(f"{name}: {value.dtype.name} {list(value.shape)} {stats}")
+    if args.save:
+        _save_outputs(Path(args.save), outputs)
+        print(f"saved {len(outputs)} output(s) to {args.save}")
+    return 0
+
+
+def _read_input(item: str) -> tuple[str, np.ndarray]:
+    name, eq, file = item.partition("=")
+    if not eq or not name or not file:
+        raise FeedError(f"--input {item!r} is not NAME=FILE.npy; write e.g. --input input_ids=ids.npy.")
+    path = Path(file)
+    if not path.is_file():
+        raise FeedError(f"input file {path} does not exist; give a .npy file written with numpy.save.")
+    try:
+        return name, np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise FeedError(f"{path} is not a readable .npy file ({exc}); write it with numpy.save.") from None
+
+
+def _save_outputs(directory: Path, outputs: dict[str, np.ndarray]) -> None:
+    if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
+        raise FeedError(f"{directory} exists and is not an empty directory; choose a new --save directory.")
+    tmp = directory.parent / f".{directory.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    try:
+        for name, value in outputs.items():
+            np.save(tmp / f"{name.replace('/', '_')}.npy", value)
+        if directory.exists():
+            directory.rmdir()
+        os.replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def cmd_passes(args) -> int:
+    import dataclasses
+
+    from optimizer.pipeline import registry
+
+    for name, cls in registry().items():
+        options = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls.Options))
+        print(f"{name:16} {cls.summary}" + (f"\n{'':16} options: {options}" if options else ""))
+    return 0
+
+
+def cmd_models(args) -> int:
+    from models import registry
+
+    for name in registry.names():
+        spec = registry.get(name)
+        print(f"{name:14} {spec.family:8} {spec.description}")
+    return 0
