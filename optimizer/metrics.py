@@ -81,8 +81,8 @@ def ranking_agreement(ref_emb: Any, test_emb: Any) -> float:
     result is the Pearson correlation of the ranks of those ``N (N - 1) / 2`` values (ties get
     their average rank), in [-1, 1]. 1 means the optimized model orders every pair of inputs
     by similarity exactly as the original does (what retrieval and clustering depend on), even
-    if the values themselves moved. Needs N >= 3; when either ranking is constant the result is
-    1 if both rankings are equal and 0 otherwise.
+    if the values themselves moved. Needs N >= 3. When all similarities are equal in both sets
+    the result is 1; in only one of them, 0.
     """
     r, t = as_rows(ref_emb, test_emb)
     if len(r) < 3:
@@ -117,7 +117,7 @@ def saliency_correlation(ref: Any, test: Any) -> float:
 
     ``ref`` and ``test`` are ``[N, ...]`` (e.g. ``[N, H, W]`` or ``[N, 1, H, W]``); image i's
     maps are flattened to vectors r_i, t_i and ``rho_i = cov(r_i, t_i) / (std r_i std t_i)``.
-    A constant map gives 1 against an identical map and 0 otherwise. The result, in [-1, 1],
+    Two constant maps give 1, a constant map against a varying one 0. The result, in [-1, 1],
     is ``mean_i rho_i``; it ignores the maps' scale and offset, only their spatial pattern counts.
     """
     r = np.asarray(ref, dtype=np.float64)

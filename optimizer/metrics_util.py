@@ -22,14 +22,10 @@ def as_rows(*arrays: Any) -> np.ndarray | tuple[np.ndarray, ...]:
             raise MetricInputError(f"Expected a non-empty [N, D] array, got shape {x.shape}; "
                                    "pass one row per input.")
         out.append(x.reshape(-1, x.shape[-1]))
-    if any(x.shape != out[0].shape for x in out) and len(out) > 1 and _paired(arrays):
+    if any(x.shape != out[0].shape for x in out):
         raise MetricInputError(f"Arrays of shapes {[np.shape(a) for a in arrays]} cannot be "
                                "compared row by row; pass outputs of the same inputs.")
     return out[0] if len(out) == 1 else tuple(out)
-
-
-def _paired(arrays: tuple[Any, ...]) -> bool:
-    return True
 
 
 def rankdata(x: np.ndarray) -> np.ndarray:
@@ -45,7 +41,7 @@ def rankdata(x: np.ndarray) -> np.ndarray:
 
 
 def pearson(a: np.ndarray, b: np.ndarray) -> float:
-    """Pearson correlation of two 1-D arrays; constant input: 1 if equal arrays, else 0."""
+    """Pearson correlation of two 1-D arrays; 1 if both are constant, 0 if only one is."""
     a = np.asarray(a, dtype=np.float64) - np.mean(a)
     b = np.asarray(b, dtype=np.float64) - np.mean(b)
     na, nb = np.linalg.norm(a), np.linalg.norm(b)

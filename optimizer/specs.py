@@ -101,8 +101,19 @@ def _convert(value: Any, hint: Any, key: str, pass_name: str) -> Any:
     try:
         return _coerce(value, hint)
     except (ValueError, TypeError):
-        expected = getattr(hint, "__name__", str(hint))
-        raise PassError(f"option {key}={value!r} of pass {pass_name!r} is not a valid {expected}.") from None
+        raise PassError(f"option {key}={value!r} of pass {pass_name!r} is not {_describe(hint)}.") from None
+
+
+def _describe(hint: Any) -> str:
+    """How a value of ``hint``'s type is written, for error messages."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) if a is not type(None) else "none" for a in args)
+    if origin is tuple:
+        return f"a list of {_describe(args[0])} joined by + (e.g. 3+7)"
+    if origin is typing.Literal:
+        return "one of " + ", ".join(map(str, args))
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
 
 
 def _coerce(value: Any, hint: Any) -> Any:
