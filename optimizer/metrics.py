@@ -104,7 +104,7 @@ def neighbour_agreement(ref_emb: Any, test_emb: Any, k: int = 5) -> float:
         raise MetricInputError(f"Neighbour agreement with k={k} needs more than k embeddings "
                                f"(got {len(r)}); pass more inputs or a smaller k.")
     overlaps = []
-    for sims_r, sims_t, i in zip(pairwise_cosine(r), pairwise_cosine(t), range(len(r))):
+    for i, (sims_r, sims_t) in enumerate(zip(pairwise_cosine(r), pairwise_cosine(t), strict=True)):
         sims_r[i] = sims_t[i] = -np.inf
         a = set(np.argsort(-sims_r, kind="stable")[:k].tolist())
         b = set(np.argsort(-sims_t, kind="stable")[:k].tolist())
@@ -126,4 +126,4 @@ def saliency_correlation(ref: Any, test: Any) -> float:
         raise MetricInputError(f"Saliency maps of shapes {r.shape} and {t.shape} cannot be "
                                "compared; pass two [N, ...] arrays of one shape.")
     flat_r, flat_t = r.reshape(len(r), -1), t.reshape(len(t), -1)
-    return float(np.mean([pearson(a, b) for a, b in zip(flat_r, flat_t)]))
+    return float(np.mean([pearson(a, b) for a, b in zip(flat_r, flat_t, strict=True)]))

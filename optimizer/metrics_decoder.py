@@ -119,5 +119,5 @@ def greedy_match(ref_tokens: Sequence[Any], test_tokens: Sequence[Any]) -> float
         raise MetricInputError(f"Got {len(ref_tokens)} reference and {len(test_tokens)} test "
                                "generations; pass one of each per prompt (at least one).")
     scores = [_prefix_score(np.asarray(r).ravel(), np.asarray(t).ravel())
-              for r, t in zip(ref_tokens, test_tokens)]
+              for r, t in zip(ref_tokens, test_tokens, strict=True)]
     return float(np.mean(scores))
