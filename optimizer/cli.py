@@ -15,6 +15,7 @@ EPILOG = """examples:
   carve inspect minilm
   carve inspect model.onnx --json
   carve run out/minilm --input input_ids=ids.npy --input attention_mask=mask.npy --save outputs/
+  carve eval out/minilm
   carve passes
 
 MODEL is an .onnx file, a Hugging Face model directory, an artifact directory, or a built-in
@@ -32,6 +33,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_optimize(sub)
     _add_inspect(sub)
     _add_run(sub)
+    p = sub.add_parser("eval", help="measure an artifact's accuracy against its unoptimized source model",
+                       epilog="example: carve eval out/minilm --json (metrics: docs/metrics.md)")
+    p.add_argument("artifact", metavar="DIR")
+    p.add_argument("--quick", action="store_true", help="fewer samples (seconds instead of a minute)")
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     sub.add_parser("passes", help="list the available passes and their options")
     sub.add_parser("models", help="list the built-in models")
     return parser

@@ -100,6 +100,19 @@ def _save_outputs(directory: Path, outputs: dict[str, np.ndarray]) -> None:
         raise
 
 
+def cmd_eval(args) -> int:
+    from optimizer.evaluate import evaluate
+
+    result = evaluate(args.artifact, quick=args.quick)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"{result['artifact']}: {result['family']} from {result['source'].get('name')}, passes: {', '.join(result['passes']) or 'none'}")
+    for key, value in result["metrics"].items():
+        print(f"  {key:28} {value:.6g}" if isinstance(value, float) else f"  {key:28} {value}")
+    return 0
+
+
 def cmd_passes(args) -> int:
     import dataclasses
 

@@ -20,23 +20,18 @@ _VISION = {"dinov2", "vit", "deit", "beit"}
 
 
 def trace_hf_directory(path: Path, progress: Progress):
-    import onnx_ir as ir
-
     from optimizer.sources import Source, _numpy
 
     config = _read_config(path)
     family = _family(config)
     folder = cache_dir("traces", f"hf-{cache_key(str(path.resolve()), _fingerprint(path))}")
     module, example, axes, outputs = _prepare(path, config, family, progress)
-    if (folder / "model.onnx").is_file():
-        model = ir.load(folder / "model.onnx")
-    else:
-        from optimizer.trace_cache import _store
+    from optimizer.trace_cache import load_in_memory, store
 
+    if not (folder / "model.onnx").is_file():
         with progress.step(f"tracing {path.name}"):
-            model = frontend.trace(module, example, axes, outputs)
-        _store(model, folder)
-        model = ir.load(folder / "model.onnx")
+            store(frontend.trace(module, example, axes, outputs), folder)
+    model = load_in_memory(folder / "model.onnx")
     info = {"kind": "huggingface", "path": str(path.resolve()), "model_type": config.get("model_type")}
     return Source(model, info, family=family, example_feeds=_numpy(example))
 
