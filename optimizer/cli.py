@@ -16,6 +16,7 @@ EPILOG = """examples:
   carve inspect model.onnx --json
   carve run out/minilm --input input_ids=ids.npy --input attention_mask=mask.npy --save outputs/
   carve eval out/minilm
+  carve bench out/minilm --plot bench.png
   carve passes
 
 MODEL is an .onnx file, a Hugging Face model directory, an artifact directory, or a built-in
@@ -38,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("artifact", metavar="DIR")
     p.add_argument("--quick", action="store_true", help="fewer samples (seconds instead of a minute)")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    _add_bench(sub)
     sub.add_parser("passes", help="list the available passes and their options")
     sub.add_parser("models", help="list the built-in models")
     return parser
@@ -67,6 +69,24 @@ def _add_inspect(sub) -> None:
                        epilog="example: carve inspect minilm --json")
     p.add_argument("model", metavar="MODEL")
     p.add_argument("--json", action="store_true", help="print the map as JSON (see docs/inspect.md)")
+
+
+def _add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="time an artifact against its peers (ORT fp32, ORT quantized, torch) with accuracy",
+                       description="Time the artifact and its peers side by side in one process: interleaved runs "
+                                   "after warm-up, medians, speed-up against ORT fp32 on the plain trace, and each "
+                                   "system's output agreement with ORT fp32 on the same inputs.",
+                       epilog="example: carve bench out/minilm --runs 20 --plot bench.png (columns: docs/metrics.md)")
+    p.add_argument("artifact", metavar="DIR")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument("--plot", metavar="FILE.png", help="draw speed-up against accuracy, one point per system")
+    p.add_argument("--batch", type=int, help="batch size (default: 8, or 1 for decoders)")
+    p.add_argument("--seq", type=int, help="tokens per sequence for text models (default 128)")
+    p.add_argument("--runs", type=int, default=20, help="timed runs per system (default 20)")
+    p.add_argument("--peers", metavar="LIST",
+                   help="comma-separated systems (default all): carve, ort-fp32, ort-quant, ort-opt+quant, "
+                        "torch-eager, hf-generate; carve and ort-fp32 are always included")
+    p.add_argument("--threads", type=int, help="intra-op threads for ORT and torch alike (default: physical cores)")
 
 
 def _add_run(sub) -> None:

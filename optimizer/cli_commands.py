@@ -113,6 +113,25 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from optimizer.bench import bench
+    from optimizer.bench_report import check_plot_path, format_bench, plot_bench
+
+    if args.plot:
+        check_plot_path(args.plot)
+    result = bench(args.artifact, batch=args.batch, seq=args.seq, runs=args.runs, peers=args.peers,
+                   threads=args.threads, progress=Progress(enabled=not args.json))
+    if args.plot:
+        plot_bench(result, args.plot)
+    if args.json:
+        print(json.dumps(result, indent=2, default=str))
+    else:
+        print(format_bench(result))
+        if args.plot:
+            print(f"plot written to {args.plot}")
+    return 0
+
+
 def cmd_passes(args) -> int:
     import dataclasses
 

@@ -1,0 +1,150 @@
+"""The generation half of ``carve bench`` for decoders: tokens per second for a fixed prompt.
+
+The artifact (and ORT fp32, the baseline) have no KV cache yet, so they generate greedily by
+recomputing the whole sequence for every new token; Hugging Face ``generate()`` keeps a KV
+cache and only computes the new token. The gap between them is what the planned KV-cache pass
+is for; the table says which system does what rather than hiding it. Every system generates
+exactly ``NEW_TOKENS`` tokens (no stop at end-of-sequence), so the counts are equal, and the
+tokens are compared with ORT fp32's (the greedy-match metric).
+
+A generation takes seconds, long enough for a shared machine's load to change in the middle
+of one, so the recomputing systems run in lockstep: step t of each system (rotating which goes
+first) before step t + 1 of any, and each system's time is the sum of its own steps. Load
+changes then hit them alike. ``generate()`` is one call and is timed whole, between rounds.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+import numpy as np
+
+from optimizer import metrics
+from optimizer.bench_systems import PAUSE_S, System, measured, skipped, tensor_bytes
+from optimizer.eval_text import PROMPTS
+from optimizer.progress import Progress
+
+NEW_TOKENS = 32
+PROMPT = PROMPTS[0]
+RECOMPUTE = "greedy, recomputes the full sequence per token (no KV cache yet)"
+# Built-ins whose Hugging Face causal LM can run generate(): name -> loader.
+HF_LOADERS = {"smollm2-135m": ("models.smollm2", "load_causal_lm")}
+
+
+def bench_generation(spec, carve: System, baseline: System, want_hf: bool, runs: int,
+                     threads: int, progress: Progress) -> dict[str, Any]:
+    """Time greedy generation of NEW_TOKENS tokens, interleaved, and compare the tokens."""
+    tok = spec.tokenizer()
+    prompt = np.asarray(tok(PROMPT)["input_ids"], dtype=np.int64)[None]
+    stepped = [_recompute("carve", carve), _recompute("ort-fp32", baseline)]
+    whole: list[System] = []
+    if want_hf:
+        with progress.step("loading the Hugging Face model for generate()"):
+            whole.append(measured("hf-generate", lambda: _hf_system(spec, prompt, tok, threads)))
+    ready = [s for s in stepped if s.skipped is None]
+    calls = [s for s in whole if s.skipped is None]
+    with progress.step(f"timing generation of {NEW_TOKENS} tokens ({runs} interleaved runs each)"):
+        _lockstep(ready, prompt, keep=False)  # warm-up
+        for s in calls:
+            s.outputs = s.run()
+        for r in range(runs):
+            _round(ready, calls, prompt, hf_first=r % 2 == 1)
+    return {"prompt": PROMPT, "new_tokens": NEW_TOKENS, "runs": runs, "rows": _rows(stepped + whole)}
+
+
+def _round(stepped: list[System], calls: list[System], prompt: np.ndarray, hf_first: bool) -> None:
+    """One timed generation by every system; which half goes first alternates."""
+    def time_calls() -> None:
+        for s in calls:
+            time.sleep(PAUSE_S)
+            start = time.perf_counter()
+            s.run()
+            s.times.append(time.perf_counter() - start)
+
+    if hf_first:
+        time_calls()
+    _lockstep(stepped, prompt, keep=True)
+    if not hf_first:
+        time_calls()
+
+
+def _lockstep(systems: list[System], prompt: np.ndarray, keep: bool) -> None:
+    """Generate NEW_TOKENS with every system, one step of each in turn; record the times."""
+    ids = {s.name: prompt for s in systems}
+    spent = {s.name: 0.0 for s in systems}
+    for step in range(NEW_TOKENS):
+        k = step % len(systems) if systems else 0
+        for s in systems[k:] + systems[:k]:
+            feeds = {"input_ids": ids[s.name], "attention_mask": np.ones_like(ids[s.name])}
+            time.sleep(PAUSE_S / 4)
+            start = time.perf_counter()
+            logits = s.run(feeds)
+            spent[s.name] += time.perf_counter() - start
+            ids[s.name] = np.concatenate([ids[s.name], logits[:, -1].argmax(-1)[:, None].astype(np.int64)], axis=1)
+    for s in systems:
+        s.outputs = ids[s.name][0, prompt.shape[1]:]
+        if keep:
+            s.times.append(spent[s.name])
+
+
+def _recompute(name: str, base: System) -> System:
+    """A system whose ``run(feeds)`` returns the logits of the base system on any sequence."""
+    if base.skipped is not None or base.run_feeds is None:
+        return skipped(name, base.skipped or "cannot run other inputs")
+    run_feeds = base.run_feeds
+    note = RECOMPUTE + (" (baseline)" if name == "ort-fp32" else "")
+    return System(name, lambda feeds: run_feeds(feeds)["logits"], base.size_bytes, note,
+                  peak_mem_bytes=base.peak_mem_bytes)
+
+
+def _hf_system(spec, prompt: np.ndarray, tok, threads: int) -> System:
+    import importlib
+
+    import torch
+
+    if spec.name not in HF_LOADERS:
+        return skipped("hf-generate", f"{spec.name} is a plain torch module without Hugging Face generate()")
+    module, attr = HF_LOADERS[spec.name]
+    torch.set_num_threads(threads)
+    lm = getattr(importlib.import_module(module), attr)()
+    _quiet_generation_config(lm)
+    ids = torch.from_numpy(prompt)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+    def run() -> np.ndarray:
+        out = lm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                          max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, pad_token_id=pad)
+        return out[0, prompt.shape[1]:].numpy()
+
+    return System("hf-generate", run, tensor_bytes(lm), "transformers generate(), greedy, with its KV cache (torch eager)")
+
+
+def _quiet_generation_config(lm) -> None:
+    """Drop sampling settings from the checkpoint's generation config: greedy decoding ignores
+    them, and transformers warns about each one on every call."""
+    config = getattr(lm, "generation_config", None)
+    for name in ("temperature", "top_p", "top_k"):
+        if config is not None and getattr(config, name, None) is not None:
+            setattr(config, name, None)
+
+
+def _rows(systems: list[System]) -> list[dict[str, Any]]:
+    base = next((s for s in systems if s.name == "ort-fp32" and s.times), None)
+    base_ms = statistics.median(base.times) * 1e3 if base else None
+    rows = []
+    for s in systems:
+        if s.skipped is not None or not s.times:
+            rows.append({"system": s.name, "skipped": s.skipped or "not run"})
+            continue
+        ms = statistics.median(s.times) * 1e3
+        match = metrics.greedy_match([base.outputs], [s.outputs]) if base else None
+        rows.append({"system": s.name, "tokens_per_s": NEW_TOKENS / (ms / 1e3), "median_ms": ms,
+                     "speedup": (base_ms / ms) if base_ms else None, "token_match": match,
+                     "peak_mem_mb": _mb(s.peak_mem_bytes), "size_mb": _mb(s.size_bytes), "note": s.note})
+    return rows
+
+
+def _mb(n: int | None) -> float | None:
+    return None if n is None else n / 1e6
