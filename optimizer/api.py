@@ -55,7 +55,7 @@ def run_optimize(model_or_path, example_inputs=None, passes=None, target="ort-cp
     import onnx_ir as ir
 
     original = ir.serde.serialize_model(source.model).SerializeToString()
-    ctx = PassContext(target=target, example_feeds=source.example_feeds, progress=progress)
+    ctx = PassContext(target=target, example_feeds=source.example_feeds, calibration=source.spec, progress=progress)
     model, records = run_pipeline(source.model, specs, ctx)
     with progress.step(f"lowering for {target}"):
         model, lowering = lower(model, target)

@@ -35,10 +35,13 @@ class PassResult:
 
 @dataclass
 class PassContext:
-    """What passes may consult besides the graph: the target, example feeds, progress, the map."""
+    """What passes may consult besides the graph: the target, example feeds, calibration data
+    (the built-in model's spec when there is one: passes draw its calibration split), progress,
+    and the model map."""
 
     target: str = "ort-cpu"
     example_feeds: dict[str, Any] | None = None
+    calibration: Any = None  # a built-in ModelSpec or name, or feeds, that passes calibrate on
     progress: Progress = field(default_factory=Progress)
     _map: Any = None
     _map_of: int | None = None

@@ -1,3 +1,4 @@
 """carve's rewrite passes, one module per family; importing this package registers them all."""
 
 from passes import cleanup  # noqa: F401
+from passes import quantize  # noqa: F401

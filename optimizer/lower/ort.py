@@ -2,7 +2,8 @@
 
 Checks the graph's opsets are ones the installed ONNX Runtime implements (a newer exporter can
 emit a newer opset than an older ORT runs) and records the ORT version the artifact was made
-for. The quantization pass adds its CPU-specific lowering here.
+for. Graphs carrying the quantize pass's decisions get their CPU kernels and the fusions
+around them from ``optimizer.lower.ort_quant``.
 """
 
 from __future__ import annotations
@@ -22,4 +23,9 @@ def lower_ort(model: ir.Model) -> tuple[ir.Model, dict]:
     opset = model.opset_imports.get("", 0)
     if opset > limit:
         raise PassError(f"the graph uses ONNX opset {opset} but onnxruntime {ort.__version__} runs at most {limit}; upgrade onnxruntime.")
-    return model, {"onnxruntime": ort.__version__, "opset": opset}
+    details = {"onnxruntime": ort.__version__, "opset": opset}
+    from optimizer.lower.ort_quant import has_decisions, lower_quantized
+
+    if has_decisions(model):
+        details["quantization"] = lower_quantized(model)
+    return model, details
