@@ -21,7 +21,8 @@ $(DATA): | $(STAMP)
 	CARVE_CACHE=$(CURDIR)/.carve-cache $(PY) -m models.data fetch
 
 demo: setup $(DATA)
-	$(VENV)/bin/carve optimize minilm -o out/minilm --passes cleanup --compare
+	$(VENV)/bin/carve optimize minilm -o out/minilm --passes quantize:mode=dynamic --compare
+	$(VENV)/bin/carve eval out/minilm
 
 test: setup $(DATA)
 	$(PY) -m pytest -q -x $(PYTEST_ARGS)
