@@ -2,3 +2,4 @@
 
 from passes import cleanup  # noqa: F401
 from passes import quantize  # noqa: F401
+from passes import skip_layers  # noqa: F401
