@@ -21,13 +21,13 @@ def format_optimize(result, comparison, args) -> str:
         params = f"{_mb(r.param_bytes_before)} -> {_mb(r.param_bytes_after)}"
         lines.append(f"  {r.position:>2}  {r.name:16} {r.sites:>6}  {nodes:>15}  {params:>21}  {r.seconds:6.2f}s")
     if comparison is not None:
-        lines += _format_comparison(comparison, args)
+        lines += _format_comparison(comparison, args, result.source.family)
     return "\n".join(lines)
 
 
-def _format_comparison(c, args) -> list[str]:
-    lines = [f"compared with the original on ONNX Runtime CPU (batch {args.batch}, sequence {args.seq}, "
-             f"median of {c.runs} interleaved runs):",
+def _format_comparison(c, args, family=None) -> list[str]:
+    shape = f"batch {args.batch}" + ("" if family == "vit" else f", sequence {args.seq}")
+    lines = [f"compared with the original on ONNX Runtime CPU ({shape}, median of {c.runs} interleaved runs):",
              f"  original {c.original_ms:.2f} ms, optimized {c.optimized_ms:.2f} ms: speed-up {c.speedup:.2f}x"]
     for name, acc in c.outputs.items():
         lines.append(f"  {name}: cosine mean {acc['cosine_mean']:.6f} min {acc['cosine_min']:.6f}, "
