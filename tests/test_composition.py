@@ -1,0 +1,31 @@
+"""Passes compose in one pipeline: each keeps its effect when run after another."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from models import registry
+from optimizer import optimize
+
+
+def test_skip_then_quantize(tmp_path):
+    spec = registry.get("tiny-bert")
+    feeds = {k: v.numpy() for k, v in spec.example_inputs(4, 24).items()}
+    plain = optimize("tiny-bert", output=tmp_path / "plain").load()
+    skipped = optimize("tiny-bert", passes=["skip_layers:blocks=1"], output=tmp_path / "skip")
+    both = optimize("tiny-bert", passes=["skip_layers:blocks=1", "quantize:mode=dynamic"], output=tmp_path / "both")
+
+    records = both.manifest["passes"]
+    assert [r["name"] for r in records] == ["skip_layers", "quantize"]
+    assert records[0]["sites"] == 1
+    # the quantize pass sees one block fewer: 6 weight matmuls per BERT block remain for 3 blocks
+    alone = optimize("tiny-bert", passes=["quantize:mode=dynamic"], output=tmp_path / "q").manifest["passes"][0]["sites"]
+    assert records[1]["sites"] == alone - 6
+
+    out_plain = plain.run(feeds)["sentence_embedding"]
+    out_skip = skipped.load().run(feeds)["sentence_embedding"]
+    out_both = both.load().run(feeds)["sentence_embedding"]
+    cos = lambda a, b: float(np.mean((a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)))  # noqa: E731
+    assert cos(out_skip, out_both) > 0.99          # quantization's own loss stays small after skipping
+    assert np.abs(out_plain - out_skip).max() > 1e-3   # the skip took effect
+    assert np.abs(out_skip - out_both).max() < np.abs(out_plain - out_both).max()  # and survives quantizing
