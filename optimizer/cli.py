@@ -34,11 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_optimize(sub)
     _add_inspect(sub)
     _add_run(sub)
-    p = sub.add_parser("eval", help="measure an artifact's accuracy against its unoptimized source model",
-                       epilog="example: carve eval out/minilm --json (metrics: docs/metrics.md)")
-    p.add_argument("artifact", metavar="DIR")
-    p.add_argument("--quick", action="store_true", help="fewer samples (seconds instead of a minute)")
-    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    _add_eval(sub)
     _add_bench(sub)
     sub.add_parser("passes", help="list the available passes and their options")
     sub.add_parser("models", help="list the built-in models")
@@ -69,6 +65,14 @@ def _add_inspect(sub) -> None:
                        epilog="example: carve inspect minilm --json")
     p.add_argument("model", metavar="MODEL")
     p.add_argument("--json", action="store_true", help="print the map as JSON (see docs/inspect.md)")
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="measure an artifact's accuracy against its unoptimized source model",
+                       epilog="example: carve eval out/minilm --json (metrics: docs/metrics.md)")
+    p.add_argument("artifact", metavar="DIR")
+    p.add_argument("--quick", action="store_true", help="fewer samples (seconds instead of a minute)")
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
 
 
 def _add_bench(sub) -> None:
