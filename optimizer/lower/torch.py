@@ -1,0 +1,204 @@
+"""Lowering for torch: the optimized IR as a ``torch.fx.GraphModule``, built node by node.
+
+``build_graph_module(model, matmul=..., device=...)`` makes one fx ``call_function`` per ONNX
+node (``optimizer.lower.torch_ops*`` hold the operators), graph inputs as placeholders in
+order, outputs as a tuple in the graph's output order. Initializers and ``Constant`` nodes
+become tensors on the module: floating-point and large ones as buffers (``.to(device)``
+moves them), small integer ones (shape arithmetic: axes, reshape targets) as plain
+attributes that stay on the host, so shape computations never wait on the device. Shapes
+are computed at run time, so the module accepts any batch and sequence length.
+
+Quantize-pass decisions get int8 or fp8 kernels per ``matmul`` (``optimizer.lower.torch_quant``).
+Refused with a ``PassError`` naming the node: an operator with no torch implementation
+(including ``com.microsoft`` operators, which only ONNX Runtime's lowering emits), an
+attribute the implementation does not take, control flow (``If``/``Loop``/``Scan``), a used
+output the implementation does not produce, an element type torch lacks.
+
+``lower_torch(model)`` is the ``--target torch`` lowering: it keeps the target-neutral graph
+(the artifact stores it as ``model.onnx``; the runtime rebuilds the module on load) and builds
+the module once to prove every node lowers.
+"""
+
+from __future__ import annotations
+
+import inspect
+import operator
+import re
+from collections import Counter
+
+import onnx_ir as ir
+import torch
+
+from optimizer.lower import torch_ops, torch_ops_nn, torch_ops_quant, torch_quant
+from optimizer.lower.torch_dtypes import to_torch
+from runtime.errors import PassError
+
+OPS = {**torch_ops.OPS, **torch_ops_nn.OPS, **torch_ops_quant.OPS}
+MULTI_OUTPUT = torch_ops.MULTI_OUTPUT | torch_ops_nn.MULTI_OUTPUT | torch_ops_quant.MULTI_OUTPUT
+VALIDATORS = torch_ops_nn.VALIDATORS
+_HOST_LIMIT = 64  # integer constants up to this many elements stay on the host (shape arithmetic)
+
+
+def lower_torch(model: ir.Model) -> tuple[ir.Model, dict]:
+    """Check that every node lowers to torch; the artifact keeps the target-neutral graph."""
+    _inline_functions(model)
+    module = build_graph_module(model)
+    ops = Counter(n.op_type for n in model.graph)
+    decided = len(torch_quant.plan(model, "int8"))
+    return model, {"torch": torch.__version__, "fx_nodes": len(module.graph.nodes), "operators": dict(sorted(ops.items())),
+                   "int8_kernel_sites": decided}
+
+
+def build_graph_module(model: ir.Model, matmul: str = "dequantize", device: str = "cpu") -> torch.fx.GraphModule:
+    """The model as a GraphModule on the CPU (move it with ``.to(device)``); ``device`` picks ``auto`` kernels."""
+    choice = torch_quant.resolve_choice(matmul, torch.device(device).type)
+    _inline_functions(model)
+    return _Builder(model, torch_quant.plan(model, choice)).build()
+
+
+def _inline_functions(model: ir.Model) -> None:
+    if model.functions:
+        import onnx_ir.passes.common as common
+
+        common.InlinePass()(model)
+
+
+class _Builder:
+    def __init__(self, model: ir.Model, substitutes: dict):
+        self.model, self.substitutes = model, substitutes
+        self.graph = torch.fx.Graph()
+        self.root = torch.nn.Module()
+        self.env: dict[int, torch.fx.Node] = {}
+        self.host: set[str] = set()
+        self.names: set[str] = set()
+
+    def build(self) -> torch.fx.GraphModule:
+        for value in self.model.graph.inputs:
+            self.env[id(value)] = self.graph.placeholder(self._name(value.name or "input"))
+        for node in self.model.graph:
+            self._node(node)
+        outputs = tuple(self._value(v, None) for v in self.model.graph.outputs)
+        self.graph.output(outputs)
+        self.graph.eliminate_dead_code()
+        module = torch.fx.GraphModule(self.root, self.graph, class_name="CarveModule")
+        for name in self.host & set(module._buffers):  # plain attributes: .to(device) leaves them on the host
+            setattr(module, name, module._buffers.pop(name))
+        return module.eval()
+
+    def _node(self, node: ir.Node) -> None:
+        where = f"node {node.name or '(unnamed)'} ({node.op_type})"
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            self.env[id(node.outputs[0])] = self._tensor(_constant_value(node, where), node.outputs[0].name or node.name)
+            return
+        substitute = self.substitutes.get(id(node))
+        if substitute is not None:
+            args = tuple(self._value(v, where) if isinstance(v, ir.Value) else self._tensor(v, f"{node.name}_w")
+                         for v in substitute.inputs)
+            self.env[id(node.outputs[0])] = self._call(substitute.kernel, args, {}, node.name)
+            return
+        fn = _implementation(node, where)
+        args = [self._value(v, where) if v is not None else None for v in node.inputs]
+        while args and args[-1] is None:
+            args.pop()
+        attrs = _attributes(node, where)
+        _check_signature(fn, node, args, attrs, where)
+        call = self._call(fn, tuple(args), attrs, node.name)
+        self._outputs(node, call, where)
+
+    def _outputs(self, node: ir.Node, call: torch.fx.Node, where: str) -> None:
+        if node.op_type in MULTI_OUTPUT:
+            for i, out in enumerate(node.outputs):
+                if out is not None:
+                    self.env[id(out)] = self.graph.call_function(operator.getitem, (call, i))
+            return
+        self.env[id(node.outputs[0])] = call
+        unused = [o for o in node.outputs[1:] if o is not None and (o.uses() or o.is_graph_output())]
+        if unused:
+            raise PassError(f"{where}: its output {unused[0].name!r} is read, but the torch lowering computes only "
+                            f"the first output of {node.op_type}; remove that use or run the model with --target ort-cpu.")
+
+    def _value(self, value: ir.Value, where: str | None) -> torch.fx.Node:
+        found = self.env.get(id(value))
+        if found is not None:
+            return found
+        if value.const_value is not None:
+            self.env[id(value)] = self._tensor(_torch_tensor(value.const_value, where), value.name)
+            return self.env[id(value)]
+        raise PassError(f"{where or 'graph output'}: value {value.name!r} has no producer, initializer or input; "
+                        "the graph is malformed, re-run `carve optimize`.")
+
+    def _tensor(self, tensor: torch.Tensor, hint: str | None) -> torch.fx.Node:
+        name = self._name(f"c_{hint or 'const'}")
+        self.root.register_buffer(name, tensor)
+        if not (tensor.dtype.is_floating_point or tensor.dtype.is_complex) and tensor.numel() <= _HOST_LIMIT:
+            self.host.add(name)
+        return self.graph.get_attr(name)
+
+    def _call(self, fn, args: tuple, kwargs: dict, hint: str | None) -> torch.fx.Node:
+        return self.graph.create_node("call_function", fn, args, kwargs, name=self._name(hint or fn.__name__))
+
+    def _name(self, text: str) -> str:
+        base = re.sub(r"\W", "_", text).strip("_") or "v"
+        base = f"v_{base}" if base[0].isdigit() else base
+        name, i = base, 1
+        while name in self.names:
+            name, i = f"{base}_{i}", i + 1
+        self.names.add(name)
+        return name
+
+
+def _implementation(node: ir.Node, where: str):
+    if node.op_type in ("If", "Loop", "Scan"):
+        raise PassError(f"{where}: control flow is not supported by the torch lowering; run this graph with --target ort-cpu.")
+    if node.domain not in ("", "ai.onnx"):
+        raise PassError(f"{where}: operator {node.domain}.{node.op_type} has no torch implementation (operators of the "
+                        f"{node.domain} domain come from ONNX Runtime's lowering); optimize the source model with --target torch.")
+    fn = OPS.get(node.op_type)
+    if fn is None:
+        raise PassError(f"{where}: operator {node.op_type} has no torch implementation in carve; "
+                        f"run this graph with --target ort-cpu, or replace the operator.")
+    problem = VALIDATORS[node.op_type](_attributes(node, where)) if node.op_type in VALIDATORS else None
+    if problem:
+        raise PassError(f"{where}: {problem} by the torch lowering; run this graph with --target ort-cpu.")
+    return fn
+
+
+def _attributes(node: ir.Node, where: str) -> dict:
+    out = {}
+    for name, attr in node.attributes.items():
+        if attr.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS):
+            raise PassError(f"{where}: attribute {name!r} holds a subgraph, which the torch lowering does not support.")
+        value = attr.value
+        if attr.type == ir.AttributeType.TENSOR:
+            value = _torch_tensor(value, where)
+        elif isinstance(value, (tuple, list)) or attr.type in (ir.AttributeType.INTS, ir.AttributeType.FLOATS,
+                                                               ir.AttributeType.STRINGS):
+            value = list(value)
+        out[name] = value
+    return out
+
+
+def _check_signature(fn, node: ir.Node, args: list, attrs: dict, where: str) -> None:
+    try:
+        inspect.signature(fn).bind(*args, **attrs)
+    except TypeError as exc:
+        raise PassError(f"{where}: the torch implementation of {node.op_type} cannot take these inputs/attributes "
+                        f"({exc}); run this graph with --target ort-cpu.") from None
+
+
+def _constant_value(node: ir.Node, where: str) -> torch.Tensor:
+    attrs = _attributes(node, where)
+    if "value" in attrs:
+        return attrs["value"]
+    for key, dtype in (("value_float", torch.float32), ("value_floats", torch.float32),
+                       ("value_int", torch.int64), ("value_ints", torch.int64)):
+        if key in attrs:
+            return torch.tensor(attrs[key], dtype=dtype)
+    raise PassError(f"{where}: Constant with attributes {sorted(attrs)} is not supported by the torch lowering.")
+
+
+def _torch_tensor(tensor, where: str | None) -> torch.Tensor:
+    try:
+        return to_torch(tensor)
+    except KeyError as exc:
+        raise PassError(f"{where or 'initializer'}: {exc.args[0]}; the torch lowering cannot hold it.") from None
