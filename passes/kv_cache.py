@@ -1,0 +1,163 @@
+"""The ``kv_cache`` pass: a decoder's full-sequence graph becomes one that reads and writes a KV cache.
+
+The result has the Optimum / ONNX Runtime GenAI interface:
+inputs ``input_ids [batch, sequence]``, ``attention_mask [batch, total_sequence]`` (past and new
+tokens), ``position_ids [batch, sequence]``, ``past_key_values.{i}.key|value [batch, kv_heads,
+past_sequence, head_dim]``; outputs the model's own (``logits``) then ``present.{i}.key|value``
+(past and new). One graph serves prefill (past length 0) and decoding. It is exact: with empty
+past and ``position_ids = 0..n-1`` the logits equal the input graph's, and decoding token by token
+gives the logits the full graph gives for the whole sequence.
+
+Cases (each attention site found by the model map, see ``passes.kv_cache_find``):
+- K and V are cached after RoPE and before grouped-query repeats: the cache holds ``kv_heads``;
+- the score mask (additive ``Add`` or ``Where``) is replaced by one causal-and-padding mask built
+  from ``attention_mask``; ``Shape`` reads of ``attention_mask`` move to ``input_ids`` (both were
+  ``[batch, sequence]``; now only ``input_ids`` has the new tokens' length);
+- RoPE tables computed from the length become lookups by ``position_ids`` in a table of
+  ``max_positions`` rows (``passes.kv_cache_tables``);
+- refused with a reason: no attention sites (not a decoder), a fused attention op, a model already
+  cached (it has ``past_key_values`` inputs), no ``attention_mask`` input, an encoder (no causal
+  mask: a cache would change its outputs), other ops reading the cached length.
+
+The manifest records per layer the cache shape, and the KV bytes per token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+from optimizer.pipeline import Pass, PassContext, PassResult, register
+from passes import kv_cache_build as build
+from passes.kv_cache_find import SiteCache, find_site, shape_only
+from passes.kv_cache_tables import rows
+from runtime.errors import PassError
+
+
+@register
+class KVCache(Pass):
+    name = "kv_cache"
+    summary = "decoder graph reads/writes a KV cache (past_key_values -> present), one graph for prefill and decode (exact)"
+    exact = True
+    changes_signature = True
+
+    @dataclass
+    class Options:
+        max_positions: int = 4096
+
+        def validate(self) -> None:
+            if self.max_positions < 2:
+                raise PassError(f"kv_cache needs max_positions >= 2, got {self.max_positions}.")
+
+    def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
+        graph = model.graph
+        ids, mask_input = _inputs(graph)
+        model_map = ctx.model_map(model)
+        sites = _sites(graph, model_map)
+        _redirect_shapes(graph, mask_input, ids)
+        tables = _table_rows(graph, sites, ids, self.options.max_positions)
+        pasts = build.new_inputs(graph, sites, ids.shape[1] if ids.shape is not None else "sequence")
+        dtype = sites[0].key.dtype
+        additive, allowed = build.mask(graph, ids, mask_input, dtype)
+        for site in sites:
+            build.follow_length(graph, site)
+            build.concat(graph, site, pasts[site.layer])
+            build.apply_mask(graph, site, additive, allowed)
+        position_ids = next(v for v in graph.inputs if v.name == "position_ids")
+        _replace_tables(graph, sites, tables, position_ids)
+        RemoveUnusedNodesPass()(model)
+        graph.sort()
+        _check_mask_use(mask_input)
+        return PassResult(model=model, sites=len(sites), details=_details(sites, self.options))
+
+
+def _inputs(graph: ir.Graph) -> tuple[ir.Value, ir.Value]:
+    names = {v.name: v for v in graph.inputs}
+    if any(n.startswith("past_key_values") for n in names):
+        raise PassError("the model already reads a KV cache (it has past_key_values inputs); kv_cache applies to a "
+                        "full-sequence graph.")
+    if "input_ids" not in names or "attention_mask" not in names:
+        raise PassError("kv_cache needs a decoder with inputs input_ids and attention_mask; this model has "
+                        f"{', '.join(names) or 'no inputs'}.")
+    return names["input_ids"], names["attention_mask"]
+
+
+def _sites(graph: ir.Graph, model_map) -> list[SiteCache]:
+    attention = [(b.index, b.attention) for b in model_map.blocks if b.attention is not None]
+    if not attention:
+        raise PassError("the model map found no attention in this model; kv_cache applies to transformer decoders.")
+    values = _values(graph)
+    derived = shape_only(graph)
+    sites = [find_site(graph, values, index, site, derived) for index, site in attention]
+    for site in sites:
+        if not _causal(site):
+            raise PassError(f"block {site.layer}'s attention has no causal mask; a KV cache would change an "
+                            "encoder's outputs, so kv_cache applies to decoders only.")
+    return sites
+
+
+def _causal(site: SiteCache) -> bool:
+    """Whether the mask at the site is built with a position comparison (a causal mask)."""
+    stack, seen = [site.mask_node.inputs[site.mask_slot]], set()
+    while stack:
+        value = stack.pop()
+        node = value.producer() if value is not None else None
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if node.op_type in {"LessOrEqual", "Less", "Greater", "GreaterOrEqual", "Trilu"}:
+            return True
+        stack.extend(node.inputs)
+    return False
+
+
+def _values(graph: ir.Graph) -> dict[str, ir.Value]:
+    values = {v.name: v for v in graph.inputs}
+    for node in graph:
+        values.update((v.name, v) for v in node.outputs)
+    return values
+
+
+def _table_rows(graph: ir.Graph, sites: list[SiteCache], ids: ir.Value, length: int):
+    operands = []
+    for site in sites:
+        for node, slot in site.tables:
+            if node.inputs[slot] not in operands:
+                operands.append(node.inputs[slot])
+    return dict(zip(map(id, operands), rows(graph, operands, ids, length))) if operands else {}
+
+
+def _redirect_shapes(graph: ir.Graph, mask_input: ir.Value, ids: ir.Value) -> None:
+    mask_input.shape = ir.Shape([ids.shape[0] if ids.shape is not None else "batch", build.TOTAL_DIM])
+    for user, slot in list(mask_input.uses()):
+        if user.op_type in {"Shape", "Size"}:
+            user.replace_input_with(slot, ids)
+
+
+def _replace_tables(graph: ir.Graph, sites: list[SiteCache], tables: dict, position_ids: ir.Value) -> None:
+    done: dict[int, ir.Value] = {}
+    for site in sites:
+        for node, slot in site.tables:
+            operand = node.inputs[slot]
+            if id(operand) not in done:
+                other = next(v for i, v in enumerate(node.inputs) if i != slot)
+                rank = max(len(operand.shape or ()), len(other.shape or ()))
+                done[id(operand)] = build.lookup(graph, operand, tables[id(operand)], position_ids, rank)
+            node.replace_input_with(slot, done[id(operand)])
+
+
+def _check_mask_use(mask_input: ir.Value) -> None:
+    stray = [u.name for u, _ in mask_input.uses() if not (u.name or "").startswith("kv_cache")]
+    if stray:
+        raise PassError(f"attention_mask is still read by {', '.join(stray[:3])} after the rewrite; kv_cache does not "
+                        "know what those nodes compute with the old mask length.")
+
+
+def _details(sites: list[SiteCache], opts) -> dict:
+    layers = [{"layer": s.layer, "kv_heads": s.key.shape[1], "head_dim": s.key.shape[3]} for s in sites]
+    itemsize = sites[0].key.dtype.itemsize
+    per_token = sum(2 * layer["kv_heads"] * layer["head_dim"] * itemsize for layer in layers)
+    return {"layers": layers, "kv_bytes_per_token": per_token, "max_positions": opts.max_positions,
+            "dtype": sites[0].key.dtype.name.lower(), "interface": "optimum"}
