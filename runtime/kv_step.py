@@ -1,0 +1,64 @@
+"""One forward step of a cached decoder: new tokens in, logits out, the KV cache advanced.
+
+With ONNX Runtime the past is bound as input straight from the cache's buffers and the present
+is bound as output into the cache's other half (``runtime.kv``), so nothing is copied on the
+host; other backends (torch) get numpy feeds and their present is copied into the cache.
+Extra outputs (``attention.{i}``, per-key attention received, when the artifact has them) are
+returned for the eviction policies that need them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from runtime.kv import KVCache
+
+
+class Stepper:
+    def __init__(self, session: Any, cache: KVCache):
+        self.session, self.cache = session, cache
+        self.ort = getattr(session, "_ort", None)
+        names = [spec["name"] for spec in session.outputs]
+        self.extra = [n for n in names if n.startswith("attention.")]
+        self.logits = names[0]
+
+    def __call__(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> tuple[np.ndarray, dict]:
+        cache = self.cache
+        new = input_ids.shape[1]
+        cache.check_room(new)
+        total = cache.length + new
+        feeds = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+        if self.ort is not None and hasattr(self.ort, "io_binding"):
+            logits, extra = self._bound(feeds, total)
+        else:
+            logits, extra = self._plain(feeds, total)
+        cache.advance(total)
+        return logits, extra
+
+    def _bound(self, feeds: dict, total: int) -> tuple[np.ndarray, dict]:
+        io = self.ort.io_binding()
+        for name, array in feeds.items():
+            io.bind_cpu_input(name, np.ascontiguousarray(array))
+        for name in [self.logits] + self.extra:  # bound first: copy_outputs_to_cpu follows binding order
+            io.bind_output(name, "cpu")
+        dtype = self.cache.layout.dtype
+        for layer in range(len(self.cache.layout.layers)):
+            for kind, word in enumerate(("key", "value")):
+                io.bind_cpu_input(f"past_key_values.{layer}.{word}", self.cache.past(layer, kind))
+                out = self.cache.next_buffer(layer, kind, total)
+                io.bind_output(f"present.{layer}.{word}", "cpu", 0, dtype, list(out.shape), out.ctypes.data)
+        self.ort.run_with_iobinding(io)
+        values = io.copy_outputs_to_cpu()
+        return values[0], dict(zip(self.extra, values[1:1 + len(self.extra)]))
+
+    def _plain(self, feeds: dict, total: int) -> tuple[np.ndarray, dict]:
+        for layer in range(len(self.cache.layout.layers)):
+            for kind, word in enumerate(("key", "value")):
+                feeds[f"past_key_values.{layer}.{word}"] = self.cache.past(layer, kind)
+        outs = self.session.run(feeds)
+        for layer in range(len(self.cache.layout.layers)):
+            for kind, word in enumerate(("key", "value")):
+                self.cache.next_buffer(layer, kind, total)[...] = outs[f"present.{layer}.{word}"]
+        return np.asarray(outs[self.logits]), {n: np.asarray(outs[n]) for n in self.extra}
