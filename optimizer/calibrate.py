@@ -14,7 +14,8 @@ one batch would pass ``max_bytes``, they are fetched in several passes). Statist
 the last axis as channels and over real tokens only: rows whose ``attention_mask`` is 0 are
 left out when the value's leading axes are ``[batch, sequence]`` or their product.
 Feeds are checked against the model's inputs first; a wrong name, dtype or rank is a
-``PassError`` naming the input.
+``PassError`` naming the input. ``run_values(model, names, feeds)`` yields the values whole,
+batch by batch, for statistics that keep more axes than the channels.
 """
 
 from __future__ import annotations
@@ -234,6 +235,16 @@ def collect(model: ir.Model, names: Sequence[str], batches: Iterable[dict[str, n
                 for name, array in zip(group, run(feeds)):
                     stats[name].update(_rows(array, mask), keep)
     return stats
+
+
+def run_values(model: ir.Model, names: Sequence[str], batches: Iterable[dict[str, np.ndarray]]):
+    """Yield, per batch, ``(feeds, {name: array})`` of the values ``names`` as ORT computes them
+    (for statistics that need the full shape, such as per-head KV ranges)."""
+    batches, names = list(batches), list(dict.fromkeys(names))
+    check_calibration_feeds(model, batches)
+    run = _runner(model, names)
+    for feeds in batches:
+        yield feeds, dict(zip(names, run(feeds)))
 
 
 def _rows(array: np.ndarray, mask: np.ndarray | None) -> np.ndarray:

@@ -3,7 +3,10 @@
 Modes:
 - ``dynamic``: int8 weights per output channel; activations are quantized at run time per
   tensor (the lowering picks the kernel; on ``ort-cpu`` DynamicQuantizeMatMul);
-- ``w8``: weight-only int8 per channel; activations stay float;
+- ``w8``, ``w4``: weight-only int8 / int4, per output channel (``block=0``) or per block of
+  32/64/128 input rows (``block``), with an AWQ-style activation-aware scale search and, for
+  ``w4``, a search of each block's clipping ratio (``clip``); activations stay float
+  (``passes.quantize_wonly``, ``passes.quantize_block``);
 - ``w8a8``: int8 weights and static per-tensor symmetric int8 activations, the activation
   scale from calibration (the ``percentile`` of |x|, or of |x/s| after smoothing).
 
@@ -16,7 +19,11 @@ statistics (``optimizer.calibrate``):
   minimises the simulated error on calibration rows, only where it helps
   (``passes.quantize_math``).
 Which sites: all of ``passes.quantize_sites`` except the ``skip`` words (head, embeddings,
-first, last, attention, mlp, outside, blockN; several joined by +).
+first, last, attention, mlp, outside, blockN; several joined by +) and, with ``budget``, the
+blocks kept float to stay within that accuracy budget (``passes.quantize_budget``). Embedding
+tables (a Gather's table, and the tied head that reads the same table through a Transpose) are
+stored quantized once when ``embed`` says so (``passes.quantize_embed``; by default in the
+weight-only modes). ``kv`` computes KV-cache scales (``passes.quantize_kv``).
 
 The pass writes the target-neutral decision (``passes.quantize_rewrite``); the lowering for
 the target turns it into kernels (``optimizer.lower.ort_quant`` for ``ort-cpu``).
@@ -40,13 +47,16 @@ import onnx_ir as ir
 
 from optimizer.calibrate import zero_channels
 from optimizer.pipeline import Pass, PassContext, PassResult, register
+from passes import quantize_extras as extras
 from passes import quantize_math as qm
-from passes.quantize_rewrite import activation_qdq, foldable, quantize_weight, scaled_input
-from passes.quantize_sites import Site, find_sites, select, skip_words
+from passes import quantize_wonly as wonly
+from passes.quantize_block import awq_factors, check_block, quantize_clipped
+from passes.quantize_rewrite import activation_qdq, as_matmul, constant, foldable, quantize_weight, scaled_input
+from passes.quantize_sites import Site, find_sites, read_weight, select, skip_words
 from passes.quantize_split import outlier_channels, producer_chain, split
 from runtime.errors import PassError
 
-MODES = ("dynamic", "w8", "w8a8")
+MODES = ("dynamic", "w8", "w4", "w8a8")
 SAMPLE_ROWS = 256
 # Smoothing that needs a Mul (it cannot fold into a norm or an upstream matmul) runs on every call:
 # on MiniLM at two threads 24 such Muls cost ~5% of the model. It must then cut the simulated
@@ -72,10 +82,21 @@ class Quantize(Pass):
         calib_samples: int = 32
         percentile: float = 99.99
         outliers: float = 8.0
+        block: int = 0  # w8/w4: 0 per output channel, else input rows per scale (32, 64, 128)
+        clip: bool | None = None  # w8/w4: search each scale's clipping ratio (default: on for w4)
+        embed: str = "auto"  # embedding tables: auto, float, 8, 4 (auto: the weight-only modes' bits)
+        kv: str = "none"  # KV-cache scales to compute: none, int8, fp8
+        budget: float | None = None  # keep the most sensitive blocks float within this degradation
 
         def validate(self) -> None:
             if self.mode not in MODES:
                 raise PassError(f"quantize has no mode {self.mode!r}; the modes are: {', '.join(MODES)}.")
+            check_block(self.block)
+            if self.block and self.mode not in wonly.BITS:
+                raise PassError(f"block={self.block} applies to the weight-only modes w8 and w4; drop it for mode {self.mode}.")
+            if self.mode == "w4" and not self.per_channel:
+                raise PassError("mode w4 needs per-channel or block-wise scales; drop per_channel=false.")
+            extras.validate(self)
             skip_words(self.skip)
             if self.calib_samples < 1:
                 raise PassError(f"quantize needs calib_samples >= 1, got {self.calib_samples}.")
@@ -91,25 +112,39 @@ class Quantize(Pass):
         if model.opset_imports.get("", 0) < 13:
             raise PassError(f"quantize needs ONNX opset 13 or newer (per-channel DequantizeLinear) but the model "
                             f"has opset {model.opset_imports.get('', 0)}; export it with a newer opset.")
-        sites, skipped, notes = _sites(model, ctx, opts.skip)
+        fmt = wonly.weight_format(opts)
+        model_map, sites, skipped, notes = _sites(model, ctx, opts.skip)
+        tables = extras.Tables.find(model, model_map, opts, fmt)
+        notes += tables.notes + extras.lift_opset(model, fmt, tables.fmt)
         groups = _groups(sites)
-        stats, calib_note = _statistics(model, ctx, opts, groups)
+        stats, calib_note, batches = _statistics(model, ctx, opts, groups, tables.head_inputs())
+        kv = extras.kv_scales(model, model_map, batches, opts.kv)
         splits = _split_outliers(model.graph, groups, sites, stats, opts)
         # Plan every group before changing weights: a smoothing factor may fold into the columns
         # of an earlier site (the up projection of a gated MLP), which must not be quantized yet.
-        plans = [_plan(x, members, stats.get(x.name), opts) for x, members in groups]
+        plans = [_plan(x, members, stats.get(x.name), opts, fmt) for x, members in groups]
         upstream = {id(s.node): s for s in sites}
         for plan in plans:
             if plan.factors is not None:
                 plan.how = scaled_input(model.graph, plan.x, plan.sites, plan.factors, upstream)
-        records = [_apply(model.graph, plan, opts) for plan in plans]
+        for plan in plans:
+            plan.quantized = [_quantized(site, plan, opts, fmt) for site in plan.sites]
+        tables.prepare(stats, _clip(opts, tables.fmt))
+        float_blocks, budget = extras.budget(model, plans, tables, batches, opts, ctx)
+        records = [_apply(model.graph, plan, opts, fmt, float_blocks) for plan in plans]
         for record in records:
             record["float_channels"] = splits.get(record["input"], [])
-        details = _details(opts, records, skipped, notes + [calib_note])
-        return PassResult(model=model, sites=len(sites), details=details)
+        details = _details(opts, fmt, records, skipped, notes + [calib_note])
+        details.update(tables.apply(model.graph))
+        details.update({k: v for k, v in (("budget", budget), ("kv_scales", kv)) if v is not None})
+        if kv is not None:
+            extras.record_kv(model, kv)
+        quantized = sum(len(r["sites"]) for r in records if not r.get("kept_float"))
+        return PassResult(model=model, sites=quantized + len(tables.tables), details=details)
 
 
 def _sites(model: ir.Model, ctx: PassContext, skip: tuple[str, ...]):
+    """(model map, sites kept, sites skipped, notes)."""
     model_map, notes = _map(model, ctx)
     every = find_sites(model, model_map)
     if not every:
@@ -119,7 +154,7 @@ def _sites(model: ir.Model, ctx: PassContext, skip: tuple[str, ...]):
     kept, skipped, more = select(every, skip, blocks)
     if not kept:
         raise PassError(f"skip={'+'.join(skip)} leaves no MatMul to quantize; skip fewer sites.")
-    return kept, skipped, notes + more
+    return model_map, kept, skipped, notes + more
 
 
 def _map(model: ir.Model, ctx: PassContext):
@@ -141,19 +176,23 @@ def _groups(sites: list[Site]) -> list[tuple[ir.Value, list[Site]]]:
     return list(by_input.values())
 
 
-def _statistics(model: ir.Model, ctx: PassContext, opts, groups) -> tuple[dict[str, Any], str]:
-    needed = opts.mode == "w8a8" or (opts.calib != "none" and (opts.smooth or (opts.outliers and opts.mode != "w8")))
-    if not needed:
-        return {}, "no calibration (smoothing off)"
+def _statistics(model: ir.Model, ctx: PassContext, opts, groups, extra: list[str]):
+    """(statistics by value name, note, calibration batches or None)."""
+    weight_only = opts.mode in wonly.BITS
+    aids = opts.smooth or (opts.outliers and not weight_only) or (weight_only and _clip(opts, wonly.weight_format(opts)))
+    must = opts.mode == "w8a8" or opts.budget is not None or opts.kv != "none"
+    if not must and (opts.calib == "none" or not aids):
+        return {}, "no calibration (smoothing and clipping off)", None
     from optimizer.calibrate import collect
 
-    if opts.calib == "auto" and opts.mode != "w8a8" and getattr(ctx, "calibration", None) is None \
-            and not ctx.example_feeds:
-        return {}, "no calibration data (no example inputs): smoothing and float outlier channels off"
+    if opts.calib == "auto" and not must and getattr(ctx, "calibration", None) is None and not ctx.example_feeds:
+        return {}, "no calibration data (no example inputs): smoothing and float outlier channels off", None
+    if opts.calib == "none":
+        raise PassError("budget= and kv= measure on calibration data; drop calib=none.")
     batches, where = _calibration(ctx, opts)
-    names = [x.name for x, _ in groups]
+    names = [x.name for x, _ in groups] + extra
     stats = collect(model, names, batches, progress=ctx.progress, keep_rows=SAMPLE_ROWS)
-    return stats, f"calibration: {where}"
+    return stats, f"calibration: {where}", batches
 
 
 def _calibration(ctx: PassContext, opts) -> tuple[list[dict[str, np.ndarray]], str]:
@@ -187,7 +226,7 @@ def _describe(feeds: list[dict[str, np.ndarray]]) -> str:
 
 def _split_outliers(graph: ir.Graph, groups, sites: list[Site], stats: dict, opts) -> dict[str, list[int]]:
     """Keep outlier input channels in float where an upstream matmul makes that free (quantize_split)."""
-    if opts.mode == "w8" or not opts.outliers:
+    if opts.mode in wonly.BITS or not opts.outliers:
         return {}
     by_node = {id(s.node): s for s in sites}
     done: dict[str, list[int]] = {}
@@ -214,60 +253,88 @@ class _Plan:
     factors: np.ndarray | None = None
     act_scale: float | None = None
     how: str | None = None
+    stats: Any = None
+    quantized: list[tuple[np.ndarray, np.ndarray]] | None = None  # (q, scale) per site
 
 
-def _plan(x: ir.Value, sites: list[Site], stats, opts) -> _Plan:
+def _plan(x: ir.Value, sites: list[Site], stats, opts, fmt) -> _Plan:
     joint = np.concatenate([s.weight for s in sites], axis=1)
     # A factor that cannot be folded costs a Mul on every run; it must earn more.
     min_gain = qm.MIN_GAIN if foldable(x, sites) else MUL_MIN_GAIN
-    plan = _Plan(x, sites, *_alpha(stats, joint, opts, min_gain))
+    plan = _Plan(x, sites, *_alpha(stats, joint, opts, fmt, min_gain), stats=stats)
     if plan.alpha > 0:
-        plan.factors = _factors(stats, joint, plan.alpha, opts.mode)
+        plan.factors = _factors(stats, joint, plan.alpha, fmt)
     if opts.mode == "w8a8":
         plan.act_scale = _act_scale(stats, plan.factors, opts)
     return plan
 
 
-def _apply(graph: ir.Graph, plan: _Plan, opts) -> dict[str, Any]:
-    """Quantize the group's weights (rows scaled by its factors) and, for w8a8, its activation."""
-    for site in plan.sites:
-        weight = site.weight if plan.factors is None else site.weight * plan.factors[:, None]
-        q, scale = qm.quantize_weight(weight, opts.per_channel)
+def _clip(opts, fmt) -> bool:
+    """Clipping search: as asked, else on for 4-bit formats (int8 steps are fine enough)."""
+    return fmt is not None and (opts.clip if opts.clip is not None else fmt.bits == 4)
+
+
+def scaled_weight(site: Site, plan: _Plan) -> np.ndarray:
+    return site.weight if plan.factors is None else site.weight * plan.factors[:, None]
+
+
+def _quantized(site: Site, plan: _Plan, opts, fmt) -> tuple[np.ndarray, np.ndarray]:
+    weight = scaled_weight(site, plan)
+    if fmt is None or not opts.per_channel:
+        return qm.quantize_weight(weight, opts.per_channel)
+    return quantize_clipped(weight, fmt, wonly.importance(plan.stats) if plan.factors is None
+                            else _scaled_importance(plan), _clip(opts, fmt))
+
+
+def _scaled_importance(plan: _Plan) -> np.ndarray | None:
+    """The input channels' mean x^2 after the smoothing division (x / s)."""
+    base = wonly.importance(plan.stats)
+    return None if base is None else base / plan.factors ** 2
+
+
+def _apply(graph: ir.Graph, plan: _Plan, opts, fmt, float_blocks: set[int]) -> dict[str, Any]:
+    """Quantize the group's weights (rows scaled by its factors) and, for w8a8, its activation;
+    a group in a block the budget keeps float gets its scaled float weights back instead."""
+    keep = bool(float_blocks) and all(site.block in float_blocks for site in plan.sites)
+    bits, block = (fmt.bits, fmt.block) if fmt is not None and opts.per_channel else (8, 0)
+    for site, (q, scale) in zip(plan.sites, plan.quantized):
+        if keep:
+            _float_weight(graph, site, plan)
+            continue
         info = {"mode": opts.mode, "site": site.name, "role": site.role, "block": site.block,
-                "per_channel": opts.per_channel, "smooth_alpha": plan.alpha}
-        quantize_weight(graph, site, q, scale, info)
-    if plan.act_scale is not None:
+                "per_channel": opts.per_channel, "smooth_alpha": plan.alpha, "bits": bits, "block_size": block}
+        quantize_weight(graph, site, q, scale, info, bits, block)
+    if plan.act_scale is not None and not keep:
         activation_qdq(graph, plan.sites[0].input, plan.sites, plan.act_scale)
     return {"input": plan.x.name, "sites": [s.name for s in plan.sites], "smooth_alpha": plan.alpha,
             "smoothing": plan.how, "simulated_error": round(plan.error, 5),
-            "simulated_error_unsmoothed": round(plan.error_unsmoothed, 5),
+            "simulated_error_unsmoothed": round(plan.error_unsmoothed, 5), **({"kept_float": True} if keep else {}),
             **({"activation_scale": plan.act_scale} if plan.act_scale is not None else {})}
 
 
-def _alpha(stats, joint: np.ndarray, opts, min_gain: float) -> tuple[float, float, float]:
+def _float_weight(graph: ir.Graph, site: Site, plan: _Plan) -> None:
+    """A site left float by the budget: give it the weight it must now read (rows scaled when its
+    input was smoothed, columns divided when a later group's factors folded into it)."""
+    wanted = scaled_weight(site, plan).astype(np.float32)
+    current = read_weight(site.node)
+    if current is not None and current.shape == wanted.shape and np.array_equal(current, wanted):
+        return
+    as_matmul(graph, site)
+    site.node.replace_input_with(1, constant(graph, f"{site.node.name}_weight", wanted))
+
+
+def _alpha(stats, joint: np.ndarray, opts, fmt, min_gain: float) -> tuple[float, float, float]:
     if stats is None or stats.sample is None or not opts.smooth:
         return 0.0, float("nan"), float("nan")
-    if opts.mode == "w8":
-        return _awq_alpha(stats, joint, opts, max(min_gain, W8_MIN_GAIN))
+    if fmt is not None:
+        gain = max(min_gain, W8_MIN_GAIN) if fmt.bits == 8 else min_gain
+        return wonly.search(stats, joint, fmt, gain)
     return qm.best_alpha(stats.sample, stats.channel_absmax, joint, opts.mode, opts.per_channel, min_gain=min_gain)
 
 
-def _awq_alpha(stats, joint: np.ndarray, opts, min_gain: float) -> tuple[float, float, float]:
-    exact = stats.sample @ joint
-    base = qm.activation_error(stats.sample, joint, "w8", opts.per_channel, exact=exact)
-    best = (0.0, base, base)
-    for alpha in qm.ALPHAS[1:]:
-        s = _factors(stats, joint, alpha, "w8")
-        err = qm.activation_error(stats.sample / s, joint * s[:, None], "w8", opts.per_channel, exact=exact)
-        if err < base * (1.0 - min_gain) and err < best[1]:
-            best = (alpha, err, base)
-    return best
-
-
-def _factors(stats, joint: np.ndarray, alpha: float, mode: str) -> np.ndarray:
-    if mode == "w8":  # AWQ: scale salient channels by mean |x|, normalized around 1
-        s = np.maximum(stats.channel_mean_abs.astype(np.float32), 1e-8) ** alpha
-        return np.clip(s / np.sqrt(s.max() * s.min()), 1e-3, 1e3).astype(np.float32)
+def _factors(stats, joint: np.ndarray, alpha: float, fmt) -> np.ndarray:
+    if fmt is not None:  # AWQ: scale salient channels by mean |x|, normalized around 1
+        return awq_factors(stats.channel_mean_abs, alpha)
     return qm.smooth_factors(stats.channel_absmax, joint, alpha)
 
 
@@ -279,12 +346,14 @@ def _act_scale(stats, factors, opts) -> float:
     return float(max(peak, 1e-8) / qm.QMAX)
 
 
-def _details(opts, records: list[dict], skipped: list[Site], notes: list[str]) -> dict[str, Any]:
+def _details(opts, fmt, records: list[dict], skipped: list[Site], notes: list[str]) -> dict[str, Any]:
     counts: dict[str, int] = defaultdict(int)
     for record in records:
-        for name in record["sites"]:
+        for name in record["sites"] if not record.get("kept_float") else ():
             counts[name.split(":")[0].split(".")[-1]] += 1
-    return {"mode": opts.mode, "per_channel": opts.per_channel, "quantized": sum(len(r["sites"]) for r in records),
+    weights = fmt.describe() if fmt is not None and opts.per_channel else "int8 " + ("per channel" if opts.per_channel else "per tensor")
+    return {"mode": opts.mode, "per_channel": opts.per_channel, "weights": weights,
+            "quantized": sum(len(r["sites"]) for r in records if not r.get("kept_float")),
             "by_role": dict(counts), "skipped": [s.name for s in skipped],
             "smoothed_groups": sum(1 for r in records if r["smooth_alpha"] > 0),
             "groups": records, "notes": [n for n in notes if n]}

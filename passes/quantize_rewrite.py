@@ -6,8 +6,10 @@ TensorRT and ONNX Runtime both read. The MatMul carries node metadata ``carve.qu
 (JSON: mode, site, block, role, smoothing) so that a target's lowering knows how activations
 are to be handled: ``dynamic`` (quantized at run time), ``w8`` (kept float) or ``w8a8`` (a
 static ``QuantizeLinear``/``DequantizeLinear`` pair with a calibrated scale is inserted on the
-activation, shared by every site that reads it). Run as plain ONNX, the graph computes the
-quantized weights exactly, so it can be checked before any lowering.
+activation, shared by every site that reads it). Weight-only ``w8``/``w4`` with ``block`` B
+use ``DequantizeLinear(W, scale[ceil(K/B), N], axis=0, block_size=B)`` and ``w4`` stores W as
+INT4 (both opset 21). Run as plain ONNX, the graph computes the quantized weights exactly, so
+it can be checked before any lowering.
 
 Cases handled: a Gemm site becomes MatMul plus an Add of its bias (C); a weight still read by
 other nodes (tied embeddings) is kept for them; SmoothQuant factors are folded into the
@@ -28,13 +30,14 @@ META = "carve.quantize"
 _NORMS = {"LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization"}
 
 
-def constant(graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
-    """A new initializer with a name not yet used in ``graph``."""
+def constant(graph: ir.Graph, base: str, array: np.ndarray, dtype: ir.DataType | None = None) -> ir.Value:
+    """A new initializer with a name not yet used in ``graph`` (``dtype`` e.g. INT4 for int8-held values)."""
     name, i = base, 1
     while name in graph.initializers:
         name, i = f"{base}_{i}", i + 1
-    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-                     const_value=ir.tensor(array, name=name))
+    dtype = dtype or ir.DataType.from_numpy(array.dtype)
+    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(dtype),
+                     const_value=ir.tensor(array, dtype=dtype, name=name))
     graph.register_initializer(value)
     return value
 
@@ -72,13 +75,20 @@ def as_matmul(graph: ir.Graph, site: Site) -> None:
     site.node = matmul
 
 
-def quantize_weight(graph: ir.Graph, site: Site, q: np.ndarray, scale: np.ndarray, info: dict) -> None:
-    """Make the site read ``DequantizeLinear(q, scale)`` and record ``info`` on its MatMul."""
+def quantize_weight(graph: ir.Graph, site: Site, q: np.ndarray, scale: np.ndarray, info: dict,
+                    bits: int = 8, block: int = 0) -> None:
+    """Make the site read ``DequantizeLinear(q, scale)`` and record ``info`` on its MatMul.
+
+    ``scale`` [N] is per output channel (axis 1), [] per tensor, [ceil(K/block), N] per block
+    along K (axis 0 with ``block_size``, opset 21); ``bits`` 4 stores ``q`` as INT4.
+    """
     as_matmul(graph, site)
     base = base_name(site)
     old = site.node.inputs[1]
-    dq = ir.node("DequantizeLinear", [constant(graph, f"{base}_int8", q), constant(graph, f"{base}_scale", scale)],
-                 attributes={"axis": 1} if scale.ndim else {}, name=f"{site.node.name}_weight_dq")
+    dtype = ir.DataType.INT4 if bits == 4 else ir.DataType.INT8
+    attributes = {"axis": 0, "block_size": block} if block else ({"axis": 1} if scale.ndim else {})
+    dq = ir.node("DequantizeLinear", [constant(graph, f"{base}_int{bits}", q, dtype), constant(graph, f"{base}_scale", scale)],
+                 attributes=attributes, name=f"{site.node.name}_weight_dq")
     dq.outputs[0].name = f"{base}_dq"
     dq.outputs[0].type, dq.outputs[0].shape = ir.TensorType(ir.DataType.FLOAT), ir.Shape(q.shape)
     graph.insert_before(site.node, [dq])

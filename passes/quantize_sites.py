@@ -64,6 +64,11 @@ def find_sites(model: ir.Model, model_map) -> list[Site]:
     return sites
 
 
+def read_weight(node: ir.Node) -> np.ndarray | None:
+    """The constant weight of a MatMul/Gemm as ``[K, N]`` float32, or None when it is not a site."""
+    return _weight(node)
+
+
 def _weight(node: ir.Node) -> np.ndarray | None:
     if node.domain not in ("", "ai.onnx") or node.op_type not in ("MatMul", "Gemm") or len(node.inputs) < 2:
         return None

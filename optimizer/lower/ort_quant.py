@@ -12,8 +12,9 @@ constant int8 tensor (``passes.quantize_rewrite``). Output, per mode (measured o
 - ``w8a8``: the static activation pair ``QuantizeLinear``/``DequantizeLinear`` becomes one
   ``QuantizeLinear`` to uint8 (zero point 128, the same grid as symmetric int8) feeding
   ``com.microsoft.MatMulIntegerToFloat`` per site, bias folded in.
-- ``w8``: left as ``DequantizeLinear`` + ``MatMul``; weights are stored in int8 (a quarter of
-  the size) and ORT dequantizes them once when the session starts, so speed is fp32's.
+- ``w8``, ``w4`` and quantized embedding tables: ``com.microsoft.MatMulNBits`` and
+  ``GatherBlockQuantized`` (``optimizer.lower.ort_wonly``; measured faster than leaving
+  ``DequantizeLinear`` + ``MatMul`` to ORT, docs/quantize.md).
 
 Before that, ``optimizer.lower.ort_fuse`` fuses attention and keeps LayerNormalization apart
 from its residual Add. ``lower_quantized(model)`` returns what it did, for the manifest.
@@ -27,6 +28,7 @@ import numpy as np
 import onnx_ir as ir
 
 from optimizer.lower.ort_fuse import fuse
+from optimizer.lower.ort_wonly import lower_weight_only
 from passes.quantize_rewrite import constant, decision
 
 MS = "com.microsoft"
@@ -58,8 +60,12 @@ def has_decisions(model: ir.Model) -> bool:
     return any(decision(node) for node in model.graph)
 
 
-def lower_quantized(model: ir.Model) -> dict:
-    """Fuse, then replace every decided MatMul by its ORT kernel; returns counts."""
+def lower_quantized(model: ir.Model, weight_only: str = "nbits") -> dict:
+    """Fuse, then replace every decided MatMul by its ORT kernel; returns counts.
+
+    ``weight_only``: ``nbits`` (MatMulNBits / GatherBlockQuantized, ``ort_wonly``) or ``dq``
+    (leave ``DequantizeLinear`` + ``MatMul`` for ORT; kept to measure the two against each other).
+    """
     fused = fuse(model)
     sites = [_Site(n, decision(n)) for n in list(model.graph) if n.op_type == "MatMul" and _decided(n)]
     kernels: dict[str, int] = defaultdict(int)
@@ -69,8 +75,10 @@ def lower_quantized(model: ir.Model) -> dict:
             kernels["DynamicQuantizeMatMul" if len(group) == 1 else "MatMulIntegerToFloat"] += _dynamic(model.graph, group)
         elif mode == "w8a8":
             kernels["MatMulIntegerToFloat"] += _static(model.graph, group)
-        else:
+        elif weight_only == "dq":
             kernels["DequantizeLinear+MatMul"] += len(group)
+    if weight_only == "nbits":
+        kernels.update(lower_weight_only(model))
     model.opset_imports.setdefault(MS, 1)
     _drop_unused(model)
     return {"fusions": fused, "kernels": dict(kernels), "quantized_matmuls": len(sites)}
