@@ -60,11 +60,13 @@ def run_optimize(model_or_path, example_inputs=None, passes=None, target="ort-cp
     with progress.step(f"lowering for {target}"):
         model, lowering = lower(model, target)
     out = Path(output) if output is not None else Path(tempfile.mkdtemp(prefix="carve-")) / "artifact"
+    from optimizer.tokenizer_files import tokenizer_files
+
     with progress.step(f"writing {out}"):
         artifact = write_artifact(model, out, {
             "source": source.info, "family": source.family, "target": target,
             "passes": [r.to_json() for r in records], "lowering": lowering,
-        })
+        }, extra_files=tokenizer_files(source))
     return Optimized(artifact, source, records, original)
 
 

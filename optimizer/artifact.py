@@ -64,8 +64,10 @@ def shape_list(shape: ir.Shape | None) -> list[int | str | None] | None:
     return [d if isinstance(d, int) else (d.value if d.value is not None else None) for d in shape]
 
 
-def write_artifact(model: ir.Model, out_dir: str | Path, fields: dict[str, Any]) -> Artifact:
-    """Write ``model`` and a manifest holding ``fields`` (source, target, passes...) to ``out_dir``."""
+def write_artifact(model: ir.Model, out_dir: str | Path, fields: dict[str, Any],
+                   extra_files: dict[str, bytes] | None = None) -> Artifact:
+    """Write ``model`` and a manifest holding ``fields`` (source, target, passes...) to ``out_dir``;
+    ``extra_files`` (name -> bytes: the tokenizer) go beside it and are hashed like the model."""
     import optimizer
 
     out = Path(out_dir)
@@ -74,6 +76,8 @@ def write_artifact(model: ir.Model, out_dir: str | Path, fields: dict[str, Any])
     try:
         tmp.mkdir(parents=True)
         _save_model(model, tmp)
+        for name, data in (extra_files or {}).items():
+            (tmp / name).write_bytes(data)
         manifest = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "carve_version": optimizer.__version__,
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

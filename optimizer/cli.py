@@ -17,6 +17,8 @@ EPILOG = """examples:
   carve run out/minilm --input input_ids=ids.npy --input attention_mask=mask.npy --save outputs/
   carve eval out/minilm
   carve bench out/minilm --plot bench.png
+  carve optimize smollm2-135m -o out/llm --passes kv_cache
+  carve generate out/llm --prompt "What is a compiler?" --chat --max-new-tokens 64
   carve passes
 
 MODEL is an .onnx file, a Hugging Face model directory, an artifact directory, or a built-in
@@ -36,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run(sub)
     _add_eval(sub)
     _add_bench(sub)
+    _add_generate(sub)
     sub.add_parser("passes", help="list the available passes and their options")
     sub.add_parser("models", help="list the built-in models")
     return parser
@@ -93,6 +96,27 @@ def _add_bench(sub) -> None:
     p.add_argument("--threads", type=int, help="intra-op threads for ORT and torch alike (default: physical cores)")
 
 
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="generate text with a KV-cached decoder artifact (made with --passes kv_cache)",
+                       epilog='example: carve generate out/llm --prompt "Tell me a story" --chat --temperature 0.7 --top-p 0.9')
+    p.add_argument("artifact", metavar="DIR")
+    p.add_argument("--prompt", metavar="TEXT", help="the prompt text")
+    p.add_argument("--ids", metavar="LIST", help="the prompt as token ids (comma- or space-separated) instead of text")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--system", metavar="TEXT", help="a system message (with --chat)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="at most this many new tokens (default 128)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy; above 0 samples")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="sample within this probability mass (default 1)")
+    p.add_argument("--eta", type=float, default=0.0, help="eta-sampling cutoff (e.g. 0.0009; 0: off)")
+    p.add_argument("--seed", type=int, default=0, help="random seed for sampling")
+    p.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-sequence tokens")
+    p.add_argument("--kv-policy", metavar="SPEC",
+                   help="KV eviction, e.g. 'window:size=256' or 'sinks:sinks=4,size=256' (docs/generate.md)")
+    p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
+    p.add_argument("--json", action="store_true", help="print tokens, text and timing as JSON")
+
+
 def _add_run(sub) -> None:
     p = sub.add_parser("run", help="run an artifact on inputs stored as .npy files",
                        epilog="example: carve run out/minilm --input input_ids=ids.npy --input attention_mask=mask.npy")
@@ -100,6 +124,7 @@ def _add_run(sub) -> None:
     p.add_argument("--input", action="append", default=[], metavar="NAME=FILE.npy", help="an input (repeatable)")
     p.add_argument("--save", metavar="DIR", help="write each output to DIR/NAME.npy")
     p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
+    p.add_argument("--device", help="torch device for artifacts made with --target torch (cpu, cuda, cuda:N)")
 
 
 def main(argv: list[str] | None = None) -> int:

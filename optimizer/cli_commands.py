@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from optimizer.cli_generate import cmd_generate  # noqa: F401  (the generate subcommand's handler)
 from optimizer.progress import Progress
 from optimizer.report import format_inspect, format_optimize, inspect_json
 from runtime.errors import FeedError
@@ -59,7 +60,7 @@ def cmd_inspect(args) -> int:
 def cmd_run(args) -> int:
     import runtime
 
-    session = runtime.load(args.artifact, threads=args.threads)
+    session = runtime.load(args.artifact, threads=args.threads, **({"device": args.device} if args.device else {}))
     feeds = dict(_read_input(item) for item in args.input)
     outputs = session.run(feeds)
     for name, value in outputs.items():

@@ -4,7 +4,8 @@ The result has the Optimum / ONNX Runtime GenAI interface:
 inputs ``input_ids [batch, sequence]``, ``attention_mask [batch, total_sequence]`` (past and new
 tokens), ``position_ids [batch, sequence]``, ``past_key_values.{i}.key|value [batch, kv_heads,
 past_sequence, head_dim]``; outputs the model's own (``logits``) then ``present.{i}.key|value``
-(past and new). One graph serves prefill (past length 0) and decoding. It is exact: with empty
+(past and new); with ``scores=true`` also ``attention.{i} [batch, past+new]``, the attention each
+cached token received (for heavy-hitter eviction). One graph serves prefill (past length 0) and decoding. It is exact: with empty
 past and ``position_ids = 0..n-1`` the logits equal the input graph's, and decoding token by token
 gives the logits the full graph gives for the whole sequence.
 
@@ -46,6 +47,7 @@ class KVCache(Pass):
     @dataclass
     class Options:
         max_positions: int = 4096
+        scores: bool = False
 
         def validate(self) -> None:
             if self.max_positions < 2:
@@ -65,6 +67,8 @@ class KVCache(Pass):
             build.follow_length(graph, site)
             build.concat(graph, site, pasts[site.layer])
             build.apply_mask(graph, site, additive, allowed)
+        for site in sites if self.options.scores else ():
+            build.attention_output(graph, site)
         position_ids = next(v for v in graph.inputs if v.name == "position_ids")
         _replace_tables(graph, sites, tables, position_ids)
         RemoveUnusedNodesPass()(model)
@@ -160,4 +164,4 @@ def _details(sites: list[SiteCache], opts) -> dict:
     itemsize = sites[0].key.dtype.itemsize
     per_token = sum(2 * layer["kv_heads"] * layer["head_dim"] * itemsize for layer in layers)
     return {"layers": layers, "kv_bytes_per_token": per_token, "max_positions": opts.max_positions,
-            "dtype": sites[0].key.dtype.name.lower(), "interface": "optimum"}
+            "dtype": sites[0].key.dtype.name.lower(), "interface": "optimum", "scores": opts.scores}

@@ -142,6 +142,18 @@ def lookup(graph: ir.Graph, operand: ir.Value, table: np.ndarray, position_ids: 
     return gathered
 
 
+def attention_output(graph: ir.Graph, site: SiteCache) -> None:
+    """``attention.{i} [batch, past+new]``: attention each cached token received in this step,
+    summed over heads and queries (what heavy-hitter eviction accumulates)."""
+    t = tape.Tape()
+    axes = t.initializer(ir.tensor(np.array([1, 2], np.int64)), name=f"kv_cache_score_axes_{site.layer}")
+    out = t.op("ReduceSum", [site.probs, axes], {"keepdims": 0}, name=f"kv_cache_scores_{site.layer}")
+    out.name = f"attention.{site.layer}"
+    out.type, out.shape = site.probs.type, ir.Shape(["batch", TOTAL_DIM])
+    _commit(graph, t)
+    graph.outputs.append(out)
+
+
 def _commit(graph: ir.Graph, t: tape.Tape) -> None:
     for value in t.initializers:
         graph.register_initializer(value)

@@ -44,6 +44,7 @@ class SiteCache:
     mask_kind: str  # "additive" | "keep" (Where keeps scores where true) | "drop"
     tables: list[tuple[ir.Node, int]] = field(default_factory=list)
     changed: list[ir.Value] = field(default_factory=list)  # values whose length becomes the cached one
+    probs: ir.Value | None = None
 
 
 def shape_only(graph: ir.Graph) -> set[int]:
@@ -79,7 +80,7 @@ def find_site(graph: ir.Graph, values: dict[str, ir.Value], layer: int, site: At
     node, slot, kind = _mask_slot(softmax, qk, derived, layer)
     tables = _tables(_path(values[site.q], qk.inputs[0], order) + key_path, derived)
     changed = [v for n in bound for v in n.outputs] + _score_values(qk, pv)
-    return SiteCache(layer, key, value, bound, node, slot, kind, tables, changed)
+    return SiteCache(layer, key, value, bound, node, slot, kind, tables, changed, softmax.outputs[0])
 
 
 def _qk_node(softmax: ir.Node) -> ir.Node | None:

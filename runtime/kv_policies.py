@@ -1,0 +1,132 @@
+"""KV eviction policies: which cached tokens to keep when the cache is over its budget.
+
+Given as ``name:key=value,...`` (``carve generate --kv-policy``, ``make_policy``):
+- ``window:size=N``: the last N tokens (a sliding window);
+- ``sinks:size=N,sinks=S``: StreamingLLM, the first S tokens (attention sinks) plus the most
+  recent ones, N in all;
+- ``heavy:size=N,sinks=S,recent=R``: heavy hitters (H2O; Keyformer's accumulated-attention
+  score without its Gumbel noise): the sinks, the R most recent tokens, and the tokens that
+  received the most attention so far, N in all. Needs an artifact made with
+  ``kv_cache:scores=true`` (its ``attention.{i}`` outputs); the choice is made per layer, the
+  same count in every layer (the graph's one attention mask covers all layers).
+
+A policy runs between decoding steps, before the cache grows past ``size``; it keeps the cached
+keys as they are (rotated at their original positions), and new tokens keep counting positions
+from where they were, so nothing is recomputed. ``describe()`` says how many tokens and bytes
+were evicted. StreamingLLM re-numbers positions inside the cache, which needs keys stored before
+RoPE; carve's cache holds them after RoPE, so positions keep their original values here.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from runtime.errors import FeedError
+from runtime.kv import KVCache
+
+
+class Policy:
+    name = "policy"
+
+    def __init__(self, size: int, sinks: int = 0, recent: int = 0):
+        if size < 2 or sinks < 0 or recent < 0 or sinks + recent >= size:
+            raise FeedError(f"KV policy {self.name} needs size >= 2 and sinks + recent < size; got size={size}, "
+                            f"sinks={sinks}, recent={recent}.")
+        self.size, self.sinks, self.recent = size, sinks, recent
+        self.evicted_tokens = 0
+        self.evicted_bytes = 0
+
+    def apply(self, cache: KVCache, mask: np.ndarray, extra: dict) -> np.ndarray:
+        """Shrink the cache so one more token fits in ``size``; returns the mask of kept tokens."""
+        self.observe(cache, extra)
+        if cache.length < self.size:
+            return mask
+        if cache.batch != 1:
+            raise FeedError("KV eviction runs on one sequence at a time (padded rows would evict different tokens); "
+                            "generate prompts one by one with a KV policy.")
+        keep = self.choose(cache.length, self.size - 1)
+        before, old = cache.nbytes(), cache.length
+        cache.keep(keep)
+        self.evicted_tokens += old - cache.length
+        self.evicted_bytes += before - cache.nbytes()
+        self.forget(keep)
+        return mask[:, keep[0] if isinstance(keep, list) else keep]
+
+    def observe(self, cache: KVCache, extra: dict) -> None:
+        pass
+
+    def forget(self, keep) -> None:
+        pass
+
+    def choose(self, length: int, budget: int):
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return (f"KV policy {self.name} (size {self.size}): evicted {self.evicted_tokens} token slots, "
+                f"{self.evicted_bytes / 1e6:.1f} MB of KV")
+
+
+class Window(Policy):
+    name = "window"
+
+    def choose(self, length: int, budget: int) -> np.ndarray:
+        return np.arange(length - budget, length)
+
+
+class Sinks(Policy):
+    name = "sinks"
+
+    def choose(self, length: int, budget: int) -> np.ndarray:
+        return np.concatenate([np.arange(self.sinks), np.arange(length - (budget - self.sinks), length)])
+
+
+class Heavy(Policy):
+    name = "heavy"
+
+    def __init__(self, size: int, sinks: int = 4, recent: int = 0):
+        super().__init__(size, sinks, recent or max(1, size // 4))
+        self.scores: list[np.ndarray] | None = None
+
+    def observe(self, cache: KVCache, extra: dict) -> None:
+        layers = [extra.get(f"attention.{i}") for i in range(len(cache.layout.layers))]
+        if any(a is None for a in layers):
+            raise FeedError("KV policy heavy needs attention scores: make the artifact with "
+                            "`--passes kv_cache:scores=true`.")
+        got = [a.sum(0) for a in layers]  # over the batch: one selection serves every row
+        if self.scores is None:
+            self.scores = got
+        else:
+            self.scores = [np.concatenate([s, np.zeros(len(g) - len(s))]) + g for s, g in zip(self.scores, got)]
+
+    def choose(self, length: int, budget: int) -> list[np.ndarray]:
+        fixed = np.concatenate([np.arange(self.sinks), np.arange(length - self.recent, length)])
+        chosen = []
+        for score in self.scores:
+            rest = np.setdiff1d(np.arange(length), fixed)
+            top = rest[np.argsort(-score[rest], kind="stable")[: budget - len(fixed)]]
+            chosen.append(np.sort(np.concatenate([fixed, top])))
+        return chosen
+
+    def forget(self, keep) -> None:
+        self.scores = [s[k] for s, k in zip(self.scores, keep)]
+
+
+POLICIES = {"window": Window, "sinks": Sinks, "heavy": Heavy}
+
+
+def make_policy(spec: str | None) -> Policy | None:
+    """A policy from ``name:key=value,...``; None for no eviction."""
+    if not spec:
+        return None
+    name, _, rest = spec.partition(":")
+    if name not in POLICIES:
+        raise FeedError(f"unknown KV policy {name!r}; the policies are: {', '.join(POLICIES)}.")
+    options = {}
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        if key not in ("size", "sinks", "recent") or not value.isdigit():
+            raise FeedError(f"KV policy option {item!r} is not one of size=N, sinks=N, recent=N.")
+        options[key] = int(value)
+    if "size" not in options:
+        raise FeedError(f"KV policy {name} needs size=N (tokens to keep).")
+    return POLICIES[name](**options)
