@@ -1,0 +1,145 @@
+"""Token pruning, part 8: putting the stages into the graph, in order.
+
+For the pruning modes (``build_prune``):
+1. place the stages (``passes.prune_tokens_plan``) and decide whether to restore;
+2. before any new node exists, cut the graph into regions: the nodes downstream of each stage's
+   gather point and not of the next one's (nor past the last block when restoring);
+3. per stage: score and gather (``passes.prune_tokens_stage``), rewire the region onto the kept
+   tokens (``passes.prune_tokens_side.reroute``), retag its value shapes;
+4. restore the full token set after the last block when the outputs need it.
+``build_merge`` does the same with one merge stage per block (``passes.prune_tokens_merge``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import onnx_ir as ir
+
+from passes import prune_tokens_plan as plan
+from passes.prune_tokens_ops import Ops
+from passes.prune_tokens_restore import (nearest_kept, needs_restore, reroute_readers, scatter_back,
+                                         take_representatives)
+from passes.prune_tokens_side import Region, TokenDim, downstream, reroute, retag
+from passes.prune_tokens_stage import FRAME_INPUT, FRAME_OUTPUT, base_positions, frame_io, prune_stage
+from runtime.errors import PassError
+
+
+def values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:
+    values: dict[str, ir.Value] = {v.name: v for v in graph.inputs if v.name}
+    values.update(graph.initializers)
+    for node in graph:
+        values.update((v.name, v) for v in node.outputs if v.name)
+    return values
+
+
+def taken_names(graph: ir.Graph) -> set[str]:
+    names = set(values_by_name(graph))
+    names.update(n.name for n in ir.traversal.RecursiveGraphIterator(graph) if n.name)
+    return names
+
+
+def decide_restore(opts: Any, last_output: ir.Value, protect: int) -> tuple[bool, str]:
+    needed, why = needs_restore(last_output, 1, protect)
+    if opts.restore == "always":
+        return True, "restore=always"
+    if opts.restore == "never":
+        if needed:
+            raise PassError(f"prune_tokens restore=never would change the model's outputs: {why}; use restore=auto.")
+        return False, "restore=never"
+    return needed, why
+
+
+def regions(graph: ir.Graph, gathers: list[ir.Value], stop: ir.Value | None) -> list[list[ir.Node]]:
+    """Per gather point, the nodes downstream of it and not of the next one (see module doc)."""
+    out = []
+    for i, start in enumerate(gathers):
+        later = {id(n) for n in downstream(graph, [gathers[i + 1]])} if i + 1 < len(gathers) else set()
+        out.append([n for n in downstream(graph, [start], stop) if id(n) not in later])
+    return out
+
+
+def kept_dim(tokens_dim: TokenDim, static: int | None, index: int) -> TokenDim:
+    if static is not None:
+        return TokenDim(None, static)
+    base = tokens_dim.symbol or str(tokens_dim.size)
+    return TokenDim(f"{base}_kept{index}", None)
+
+
+def build_prune(model: ir.Model, model_map: Any, opts: Any) -> dict[str, Any]:
+    graph = model.graph
+    values = values_by_name(graph)
+    stages = plan.stages(model_map, values, opts)
+    tokens = plan.tokens_of(graph, model_map, stages[0].gather)
+    tokens.source = opts.source if opts.source != "auto" else ("cls" if opts.protect else "mean")
+    last = values[model_map.blocks[-1].output]
+    restore, why = decide_restore(opts, last, opts.protect)
+    cut = regions(graph, [s.gather for s in stages], last if restore else None)
+    readers, last_shape = list(last.uses()), last.shape
+    ops = Ops(graph, "prune_tokens", taken_names(graph))
+    frame_state = frame_io(graph, stages[0].gather, ops) if opts.mode == "frames" else None
+    positions = base_positions(ops, stages[0].gather)
+    token_map = positions  # fill=nearest: each original token's representative in the current set
+    previous_dim, previous_nodes, steps, records = tokens.dim, set(), [], []
+    for i, (stage, nodes) in enumerate(zip(stages, cut)):
+        kept = prune_stage(ops, stage, tokens, positions, i == 0, opts, frame_state)
+        dim = kept_dim(tokens.dim, kept.static, i)
+        fresh = {id(v) for n in ops.nodes for v in n.outputs}
+        region = Region(nodes, stage.gather, kept.stream, kept.positions, kept.relative, kept.count, dim,
+                        previous_dim, previous_nodes)
+        rewritten = reroute(ops, region, tokens.dim, fresh)
+        retag(nodes, tokens.dim, dim)
+        kept.stream.dtype = stage.gather.dtype
+        kept.stream.shape = ir.Shape([stage.gather.shape[0], dim.dim(), stage.gather.shape[2]])
+        if i > 0:
+            steps.append((positions, stage.gather))  # the tokens this stage drops keep these values
+        if opts.fill == "nearest":
+            token_map = ops.op("GatherElements", nearest_kept(ops, stage.gather, kept.stream), token_map, axis=1)
+        positions, previous_dim, previous_nodes = kept.positions, dim, {id(n) for n in nodes}
+        records.append(_record(model_map, stage, kept.static, opts, rewritten))
+    if restore and opts.fill == "nearest":
+        full = take_representatives(ops, last, token_map)
+        reroute_readers(graph, last, full, readers, last_shape)
+    elif restore:
+        full = scatter_back(ops, stages[0].gather, steps + [(positions, last)])
+        reroute_readers(graph, last, full, readers, last_shape)
+    details = _details(opts, records, restore, why, tokens)
+    details["tokens_per_block"] = _ratios(stages, len(model_map.blocks), opts)
+    return details
+
+
+def _record(model_map: Any, stage, static: int | None, opts: Any, rewritten: int) -> dict[str, Any]:
+    kept = static if static is not None else ("threshold" if opts.threshold is not None else f"ceil({stage.ratio:g} * N)")
+    return {"block": stage.block, "name": model_map.blocks[stage.block].name, "keep": stage.ratio,
+            "tokens": kept, "side_values_rewritten": rewritten}
+
+
+def _ratios(stages: list, blocks: int, opts: Any) -> list[tuple[float, float]] | None:
+    if opts.threshold is not None:
+        return None  # data-dependent
+    ratio, out, by_block = 1.0, [], {s.block: s.ratio for s in stages}
+    for b in range(blocks):
+        ratio = by_block.get(b, ratio)
+        out.append((ratio, ratio))
+    return out
+
+
+def _details(opts: Any, records: list, restore: bool, why: str, tokens) -> dict[str, Any]:
+    details: dict[str, Any] = {
+        "mode": opts.mode, "stages": records, "restored": restore, "restore_reason": why,
+        "static_shapes": opts.threshold is None and tokens.n is not None,
+        "padding": tokens.mask.name if tokens.mask is not None else None,
+        "protected": {"leading": opts.protect, "ids": list(opts.protect_ids)},
+    }
+    if opts.mode in ("attention", "pagerank"):
+        details["source"] = tokens.source if opts.mode == "attention" else "pagerank"
+    if opts.mode == "frames":
+        details["state"] = {"input": FRAME_INPUT, "output": FRAME_OUTPUT, "first_call": "zeros",
+                            "contract": f"feed each call's {FRAME_OUTPUT} as the next call's {FRAME_INPUT}"}
+    return details
+
+
+def build_merge(model: ir.Model, model_map: Any, opts: Any) -> dict[str, Any]:
+    from passes.prune_tokens_merge import merge_blocks
+
+    return merge_blocks(model, model_map, opts)
