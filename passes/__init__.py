@@ -4,3 +4,4 @@ from passes import cleanup  # noqa: F401
 from passes import kv_cache  # noqa: F401
 from passes import quantize  # noqa: F401
 from passes import skip_layers  # noqa: F401
+from passes import prune_tokens  # noqa: F401
