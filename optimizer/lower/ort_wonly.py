@@ -88,6 +88,7 @@ def pack(q: np.ndarray, scale: np.ndarray, block: int, bits: int) -> tuple[np.nd
 
 def _site(graph: ir.Graph, node: ir.Node, info: dict, accuracy_level: int) -> None:
     q, scale, block = _dq_weight(node)
+    dq = node.inputs[1].producer()
     bits = int(info.get("bits", 8))
     packed, scales, block = pack(q, scale, block, bits)
     add, bias = _bias_after(node)
@@ -96,6 +97,18 @@ def _site(graph: ir.Graph, node: ir.Node, info: dict, accuracy_level: int) -> No
     if bias is not None:
         inputs += [None, None, constant(graph, f"{name}_nbits_bias", bias)]
     _replace(graph, node, add, _matmul_nbits(inputs, q.shape, bits, block, accuracy_level, name))
+    _drop_dq(graph, dq)
+
+
+def _drop_dq(graph: ir.Graph, dq: ir.Node) -> None:
+    """Remove a DequantizeLinear nothing reads any more, and its initializers."""
+    if dq.outputs[0].uses() or dq.outputs[0].is_graph_output():
+        return
+    inputs = list(dq.inputs)
+    graph.remove(dq, safe=True)
+    for value in inputs:
+        if value is not None and value.is_initializer() and not value.uses() and not value.is_graph_output():
+            graph.initializers.pop(value.name)
 
 
 def _matmul_nbits(inputs, kn: tuple[int, int], bits: int, block: int, accuracy_level: int, name: str) -> ir.Node:
@@ -142,8 +155,7 @@ def _table(graph: ir.Graph, dq: ir.Node, info: dict, counts: dict, accuracy_leve
             _replace(graph, head, None, _matmul_nbits(inputs, (q.shape[1], q.shape[0]), bits, block, accuracy_level, head.name))
             graph.remove(reader, safe=True)
             counts["MatMulNBits"] += 1
-    if not table.uses():
-        graph.remove(dq, safe=True)
+    _drop_dq(graph, dq)
 
 
 def _head_of(transpose: ir.Node) -> ir.Node | None:
