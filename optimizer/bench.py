@@ -49,8 +49,9 @@ def parse_peers(text: str | None, family: str | None = None) -> list[str]:
     return [p for p in PEERS if p in asked or p in REQUIRED]
 
 
-def check_sizes(batch: int | None, seq: int | None, runs: int, threads: int | None) -> None:
-    for flag, value in (("--batch", batch), ("--seq", seq), ("--runs", runs), ("--threads", threads)):
+def check_sizes(batch: int | None, seq: int | None, runs: int, threads: int | None,
+                flags: tuple[str, str] = ("--batch", "--seq")) -> None:
+    for flag, value in ((flags[0], batch), (flags[1], seq), ("--runs", runs), ("--threads", threads)):
         if value is not None and value < 1:
             raise BenchError(f"{flag} must be at least 1, got {value}; give a positive whole number.")
 
@@ -64,13 +65,15 @@ def default_threads() -> int:
 
 def bench(artifact: str | Path, batch: int | None = None, seq: int | None = None, runs: int = 20,
           peers: str | list[str] | None = None, threads: int | None = None,
-          progress: Progress | None = None) -> dict[str, Any]:
+          progress: Progress | None = None, new_tokens: int | None = None,
+          prompt_tokens: int | None = None) -> dict[str, Any]:
     """Time the artifact and its peers; returns the table's data (see docs/metrics.md)."""
     from optimizer.evaluate import builtin_spec
     from runtime.manifest import read_manifest, verify_files
 
     progress = progress or Progress()
     check_sizes(batch, seq, runs, threads)
+    check_sizes(new_tokens, prompt_tokens, runs, None, ("--new-tokens", "--prompt-tokens"))
     peers = ",".join(peers) if isinstance(peers, list) else peers
     parse_peers(peers)  # bad names fail before anything slow
     artifact = Path(artifact)
@@ -95,8 +98,10 @@ def bench(artifact: str | Path, batch: int | None = None, seq: int | None = None
     if family == "decoder" and spec is not None:
         from optimizer.bench_generate import bench_generation
 
+        more = {"new_tokens": new_tokens} if new_tokens else {}
         result["generation"] = bench_generation(spec, systems["carve"], systems["ort-fp32"], "hf-generate" in names,
-                                                min(runs, 5), threads, progress)
+                                                min(runs, 5), threads, progress, artifact=artifact,
+                                                prompt_tokens=prompt_tokens, **more)
     return result
 
 

@@ -1,11 +1,13 @@
 """The generation half of ``carve bench`` for decoders: tokens per second for a fixed prompt.
 
-The artifact (and ORT fp32, the baseline) have no KV cache yet, so they generate greedily by
-recomputing the whole sequence for every new token; Hugging Face ``generate()`` keeps a KV
-cache and only computes the new token. The gap between them is what the planned KV-cache pass
-is for; the table says which system does what rather than hiding it. Every system generates
-exactly ``NEW_TOKENS`` tokens (no stop at end-of-sequence), so the counts are equal, and the
-tokens are compared with ORT fp32's (the greedy-match metric).
+ORT fp32 on the plain trace (the baseline) has no KV cache, so it generates greedily by
+recomputing the whole sequence for every new token; so does an artifact made without the
+``kv_cache`` pass. An artifact with a KV cache generates through ``runtime.generate`` (prefill
+once, then one token per step), and Hugging Face ``generate()`` keeps its own KV cache. The
+table says which system does what. Every system generates exactly ``new_tokens`` tokens (no
+stop at end-of-sequence), so the counts are equal, and the tokens are compared with ORT fp32's
+(the greedy-match metric). The prompt is the first ``prompt_tokens`` tokens of held-out text,
+or a fixed sentence when none is asked for.
 
 A generation takes seconds, long enough for a shared machine's load to change in the middle
 of one, so the recomputing systems run in lockstep: step t of each system (rotating which goes
@@ -28,33 +30,64 @@ from optimizer.progress import Progress
 
 NEW_TOKENS = 32
 PROMPT = PROMPTS[0]
-RECOMPUTE = "greedy, recomputes the full sequence per token (no KV cache yet)"
+RECOMPUTE = "greedy, recomputes the full sequence per token (no KV cache)"
+CACHED = "greedy, runtime.generate with the artifact's KV cache"
 # Built-ins whose Hugging Face causal LM can run generate(): name -> loader.
 HF_LOADERS = {"smollm2-135m": ("models.smollm2", "load_causal_lm")}
 
 
-def bench_generation(spec, carve: System, baseline: System, want_hf: bool, runs: int,
-                     threads: int, progress: Progress) -> dict[str, Any]:
-    """Time greedy generation of NEW_TOKENS tokens, interleaved, and compare the tokens."""
+def bench_generation(spec, carve: System, baseline: System, want_hf: bool, runs: int, threads: int,
+                     progress: Progress, artifact=None, new_tokens: int = NEW_TOKENS,
+                     prompt_tokens: int | None = None) -> dict[str, Any]:
+    """Time greedy generation of ``new_tokens`` tokens, interleaved, and compare the tokens."""
     tok = spec.tokenizer()
-    prompt = np.asarray(tok(PROMPT)["input_ids"], dtype=np.int64)[None]
-    stepped = [_recompute("carve", carve), _recompute("ort-fp32", baseline)]
-    whole: list[System] = []
+    prompt, prompt_text = _prompt(tok, prompt_tokens)
+    cached = _cached_system(artifact, prompt, new_tokens, threads, carve)
+    stepped = [_recompute("ort-fp32", baseline)] + ([] if cached is not None else [_recompute("carve", carve)])
+    whole: list[System] = [cached] if cached is not None else []
     if want_hf:
         with progress.step("loading the Hugging Face model for generate()"):
-            whole.append(measured("hf-generate", lambda: _hf_system(spec, prompt, tok, threads)))
+            whole.append(measured("hf-generate", lambda: _hf_system(spec, prompt, tok, threads, new_tokens)))
     ready = [s for s in stepped if s.skipped is None]
     calls = [s for s in whole if s.skipped is None]
-    with progress.step(f"timing generation of {NEW_TOKENS} tokens ({runs} interleaved runs each)"):
-        _lockstep(ready, prompt, keep=False)  # warm-up
+    with progress.step(f"timing generation of {new_tokens} tokens ({runs} interleaved runs each)"):
+        _lockstep(ready, prompt, new_tokens, keep=False)  # warm-up
         for s in calls:
             s.outputs = s.run()
         for r in range(runs):
-            _round(ready, calls, prompt, hf_first=r % 2 == 1)
-    return {"prompt": PROMPT, "new_tokens": NEW_TOKENS, "runs": runs, "rows": _rows(stepped + whole)}
+            _round(ready, calls, prompt, new_tokens, hf_first=r % 2 == 1)
+    return {"prompt": prompt_text, "prompt_tokens": int(prompt.shape[1]), "new_tokens": new_tokens, "runs": runs,
+            "rows": _rows(stepped + whole, new_tokens)}
 
 
-def _round(stepped: list[System], calls: list[System], prompt: np.ndarray, hf_first: bool) -> None:
+def _prompt(tok, prompt_tokens: int | None) -> tuple[np.ndarray, str]:
+    if prompt_tokens is None:
+        return np.asarray(tok(PROMPT)["input_ids"], dtype=np.int64)[None], PROMPT
+    from models import data
+
+    ids: list[int] = []
+    for text in data.texts("shakespeare", "eval"):
+        ids += tok(text + "\n")["input_ids"]
+        if len(ids) >= prompt_tokens:
+            break
+    return np.asarray(ids[:prompt_tokens], dtype=np.int64)[None], f"{prompt_tokens} tokens of held-out Shakespeare"
+
+
+def _cached_system(artifact, prompt: np.ndarray, new_tokens: int, threads: int, carve: System) -> System | None:
+    """The artifact generating through its KV cache, when it has one."""
+    from runtime.manifest import read_manifest
+
+    if artifact is None or not any(i["name"].startswith("past_key_values") for i in read_manifest(artifact)["inputs"]):
+        return None
+    import runtime
+    from runtime.generate import generate
+
+    session = runtime.load(artifact, threads=threads)
+    run = lambda: np.asarray(generate(session, [prompt[0].tolist()], max_new_tokens=new_tokens).tokens[0])  # noqa: E731
+    return System("carve", run, carve.size_bytes, CACHED, peak_mem_bytes=carve.peak_mem_bytes)
+
+
+def _round(stepped: list[System], calls: list[System], prompt: np.ndarray, new_tokens: int, hf_first: bool) -> None:
     """One timed generation by every system; which half goes first alternates."""
     def time_calls() -> None:
         for s in calls:
@@ -65,16 +98,16 @@ def _round(stepped: list[System], calls: list[System], prompt: np.ndarray, hf_fi
 
     if hf_first:
         time_calls()
-    _lockstep(stepped, prompt, keep=True)
+    _lockstep(stepped, prompt, new_tokens, keep=True)
     if not hf_first:
         time_calls()
 
 
-def _lockstep(systems: list[System], prompt: np.ndarray, keep: bool) -> None:
-    """Generate NEW_TOKENS with every system, one step of each in turn; record the times."""
+def _lockstep(systems: list[System], prompt: np.ndarray, new_tokens: int, keep: bool) -> None:
+    """Generate ``new_tokens`` with every system, one step of each in turn; record the times."""
     ids = {s.name: prompt for s in systems}
     spent = {s.name: 0.0 for s in systems}
-    for step in range(NEW_TOKENS):
+    for step in range(new_tokens):
         k = step % len(systems) if systems else 0
         for s in systems[k:] + systems[:k]:
             feeds = {"input_ids": ids[s.name], "attention_mask": np.ones_like(ids[s.name])}
@@ -99,7 +132,7 @@ def _recompute(name: str, base: System) -> System:
                   peak_mem_bytes=base.peak_mem_bytes)
 
 
-def _hf_system(spec, prompt: np.ndarray, tok, threads: int) -> System:
+def _hf_system(spec, prompt: np.ndarray, tok, threads: int, new_tokens: int) -> System:
     import importlib
 
     import torch
@@ -115,7 +148,7 @@ def _hf_system(spec, prompt: np.ndarray, tok, threads: int) -> System:
 
     def run() -> np.ndarray:
         out = lm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                          max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, pad_token_id=pad)
+                          max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=pad)
         return out[0, prompt.shape[1]:].numpy()
 
     return System("hf-generate", run, tensor_bytes(lm), "transformers generate(), greedy, with its KV cache (torch eager)")
@@ -130,7 +163,7 @@ def _quiet_generation_config(lm) -> None:
             setattr(config, name, None)
 
 
-def _rows(systems: list[System]) -> list[dict[str, Any]]:
+def _rows(systems: list[System], new_tokens: int) -> list[dict[str, Any]]:
     base = next((s for s in systems if s.name == "ort-fp32" and s.times), None)
     base_ms = statistics.median(base.times) * 1e3 if base else None
     rows = []
@@ -140,7 +173,7 @@ def _rows(systems: list[System]) -> list[dict[str, Any]]:
             continue
         ms = statistics.median(s.times) * 1e3
         match = metrics.greedy_match([base.outputs], [s.outputs]) if base else None
-        rows.append({"system": s.name, "tokens_per_s": NEW_TOKENS / (ms / 1e3), "median_ms": ms,
+        rows.append({"system": s.name, "tokens_per_s": new_tokens / (ms / 1e3), "median_ms": ms,
                      "speedup": (base_ms / ms) if base_ms else None, "token_match": match,
                      "peak_mem_mb": _mb(s.peak_mem_bytes), "size_mb": _mb(s.size_bytes), "note": s.note})
     return rows

@@ -94,6 +94,9 @@ def _add_bench(sub) -> None:
                    help="comma-separated systems (default all): carve, ort-fp32, ort-quant, ort-opt+quant, "
                         "torch-eager, hf-generate; carve and ort-fp32 are always included")
     p.add_argument("--threads", type=int, help="intra-op threads for ORT and torch alike (default: physical cores)")
+    p.add_argument("--new-tokens", type=int, help="decoders: tokens generated per timed generation (default 32)")
+    p.add_argument("--prompt-tokens", type=int,
+                   help="decoders: prompt of this many tokens of held-out text (default: one short sentence)")
 
 
 def _add_generate(sub) -> None:

@@ -121,7 +121,8 @@ def cmd_bench(args) -> int:
     if args.plot:
         check_plot_path(args.plot)
     result = bench(args.artifact, batch=args.batch, seq=args.seq, runs=args.runs, peers=args.peers,
-                   threads=args.threads, progress=Progress(enabled=not args.json))
+                   threads=args.threads, progress=Progress(enabled=not args.json),
+                   new_tokens=args.new_tokens, prompt_tokens=args.prompt_tokens)
     if args.plot:
         plot_bench(result, args.plot)
     if args.json:

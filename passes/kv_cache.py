@@ -94,27 +94,7 @@ def _sites(graph: ir.Graph, model_map) -> list[SiteCache]:
         raise PassError("the model map found no attention in this model; kv_cache applies to transformer decoders.")
     values = _values(graph)
     derived = shape_only(graph)
-    sites = [find_site(graph, values, index, site, derived) for index, site in attention]
-    for site in sites:
-        if not _causal(site):
-            raise PassError(f"block {site.layer}'s attention has no causal mask; a KV cache would change an "
-                            "encoder's outputs, so kv_cache applies to decoders only.")
-    return sites
-
-
-def _causal(site: SiteCache) -> bool:
-    """Whether the mask at the site is built with a position comparison (a causal mask)."""
-    stack, seen = [site.mask_node.inputs[site.mask_slot]], set()
-    while stack:
-        value = stack.pop()
-        node = value.producer() if value is not None else None
-        if node is None or id(node) in seen:
-            continue
-        seen.add(id(node))
-        if node.op_type in {"LessOrEqual", "Less", "Greater", "GreaterOrEqual", "Trilu"}:
-            return True
-        stack.extend(node.inputs)
-    return False
+    return [find_site(graph, values, index, site, derived) for index, site in attention]
 
 
 def _values(graph: ir.Graph) -> dict[str, ir.Value]:

@@ -72,15 +72,33 @@ def find_site(graph: ir.Graph, values: dict[str, ir.Value], layer: int, site: At
     qk, pv = _qk_node(softmax), _pv_node(softmax)
     if qk is None or pv is None:
         raise PassError(f"block {layer}: the attention's Q*K^T or P*V MatMul was not found next to its Softmax.")
-    order = {id(node): i for i, node in enumerate(graph)}
+    node, slot, kind = _mask_slot(softmax, qk, derived, layer)
+    if not _causal(node.inputs[slot]):
+        raise PassError(f"block {layer}'s attention has no causal mask; a KV cache would change an encoder's "
+                        "outputs, so kv_cache applies to decoders only.")
+    order = {id(n): i for i, n in enumerate(graph)}
     key_path = _path(values[site.k], qk.inputs[1], order)
     value_path = _path(values[site.v], pv.inputs[1], order)
     key, value = _cache_point(key_path, site, layer, "key"), _cache_point(value_path, site, layer, "value")
     bound = _after(key_path, key) + _after(value_path, value)
-    node, slot, kind = _mask_slot(softmax, qk, derived, layer)
     tables = _tables(_path(values[site.q], qk.inputs[0], order) + key_path, derived)
     changed = [v for n in bound for v in n.outputs] + _score_values(qk, pv)
     return SiteCache(layer, key, value, bound, node, slot, kind, tables, changed, softmax.outputs[0])
+
+
+def _causal(mask: ir.Value) -> bool:
+    """Whether the mask is built with a position comparison (a causal mask)."""
+    stack, seen = [mask], set()
+    while stack:
+        value = stack.pop()
+        node = value.producer() if value is not None else None
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if node.op_type in {"LessOrEqual", "Less", "Greater", "GreaterOrEqual", "Trilu"}:
+            return True
+        stack.extend(node.inputs)
+    return False
 
 
 def _qk_node(softmax: ir.Node) -> ir.Node | None:

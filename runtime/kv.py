@@ -50,6 +50,24 @@ class KVLayout:
         return sum(2 * h * d for h, d in self.layers) * self.dtype.itemsize
 
 
+def prefill_feeds(inputs: list[dict], feeds: dict) -> dict:
+    """Feeds for a cached decoder run without a cache: an empty past and positions counted from
+    the attention mask, so the artifact computes what the full-sequence graph did (a prefill)."""
+    names = {spec["name"] for spec in inputs}
+    if not any(_PAST.match(n) for n in names) or any(_PAST.match(k) for k in feeds) or "input_ids" not in feeds:
+        return dict(feeds)
+    ids = np.asarray(feeds["input_ids"])
+    out = dict(feeds)
+    mask = np.asarray(out.setdefault("attention_mask", np.ones_like(ids)))
+    if "position_ids" in names and "position_ids" not in out:
+        out["position_ids"] = np.maximum(mask.cumsum(-1) - 1, 0).astype(np.int64)
+    layout = KVLayout.of(inputs)
+    for layer, (heads, dim) in enumerate(layout.layers):
+        for word in ("key", "value"):
+            out[f"past_key_values.{layer}.{word}"] = np.zeros((ids.shape[0], heads, 0, dim), layout.dtype)
+    return out
+
+
 class KVCache:
     """Buffers for ``batch`` sequences of up to ``capacity`` tokens; ``length`` tokens are filled."""
 

@@ -2,7 +2,9 @@
 
 ``Session`` verifies the artifact (manifest, file hashes), opens ``model.onnx`` with ONNX
 Runtime, and checks every feed against the manifest's signature before running, so a wrong
-name, dtype or shape is one clear ``FeedError`` rather than an ONNX Runtime stack dump.
+name, dtype or shape is one clear ``FeedError`` rather than an ONNX Runtime stack dump. A
+KV-cached decoder given only ``input_ids`` (and ``attention_mask``) runs as a prefill: an empty
+past and positions from the mask are filled in (``runtime.kv.prefill_feeds``).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import onnxruntime as ort
 
 from runtime.errors import ArtifactError, FeedError
 from runtime.feeds import check_feeds
+from runtime.kv import prefill_feeds
 from runtime.manifest import read_manifest, verify_files
 
 
@@ -34,7 +37,7 @@ class Session:
         return self._ort.get_providers()
 
     def run(self, feeds: Mapping[str, Any], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
-        arrays = check_feeds(feeds, self.inputs)
+        arrays = check_feeds(prefill_feeds(self.inputs, feeds), self.inputs)
         names = outputs or [spec["name"] for spec in self.outputs]
         unknown = [n for n in names if n not in {spec["name"] for spec in self.outputs}]
         if unknown:
