@@ -75,6 +75,10 @@ def _add_eval(sub) -> None:
                        epilog="example: carve eval out/minilm --json (metrics: docs/metrics.md)")
     p.add_argument("artifact", metavar="DIR")
     p.add_argument("--quick", action="store_true", help="fewer samples (seconds instead of a minute)")
+    p.add_argument("--kv-policies", metavar="SPECS",
+                   help="KV-cached decoders: compare eviction policies instead, e.g. "
+                        "'window:size=250;sinks:size=250,sinks=4;heavy:size=250' (needs kv_cache:scores=true for heavy)")
+    p.add_argument("--kv-tokens", type=int, default=1000, help="tokens of held-out text for --kv-policies (default 1000)")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
 
 

@@ -104,6 +104,8 @@ def _save_outputs(directory: Path, outputs: dict[str, np.ndarray]) -> None:
 def cmd_eval(args) -> int:
     from optimizer.evaluate import evaluate
 
+    if args.kv_policies:
+        return _eval_kv(args)
     result = evaluate(args.artifact, quick=args.quick)
     if args.json:
         print(json.dumps(result, indent=2))
@@ -111,6 +113,24 @@ def cmd_eval(args) -> int:
     print(f"{result['artifact']}: {result['family']} from {result['source'].get('name')}, passes: {', '.join(result['passes']) or 'none'}")
     for key, value in result["metrics"].items():
         print(f"  {key:28} {value:.6g}" if isinstance(value, float) else f"  {key:28} {value}")
+    return 0
+
+
+def _eval_kv(args) -> int:
+    import runtime
+    from models import data
+    from optimizer.eval_kv import eval_policies, format_policies
+    from runtime.text import Text
+
+    session, text = runtime.load(args.artifact), Text(args.artifact)
+    ids: list[int] = []
+    for passage in data.texts("news", "eval"):
+        ids += text.encode(passage + "\n", special=not ids)
+        if len(ids) >= args.kv_tokens:
+            break
+    specs = [s.strip() for s in args.kv_policies.split(";") if s.strip()]
+    result = eval_policies(session, ids[:args.kv_tokens], specs, Progress(enabled=not args.json))
+    print(json.dumps(result, indent=2) if args.json else format_policies(result))
     return 0
 
 

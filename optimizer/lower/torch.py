@@ -3,10 +3,10 @@
 ``build_graph_module(model, matmul=..., device=...)`` makes one fx ``call_function`` per ONNX
 node (``optimizer.lower.torch_ops*`` hold the operators), graph inputs as placeholders in
 order, outputs as a tuple in the graph's output order. Initializers and ``Constant`` nodes
-become tensors on the module: floating-point and large ones as buffers (``.to(device)``
-moves them), small integer ones (shape arithmetic: axes, reshape targets) as plain
-attributes that stay on the host, so shape computations never wait on the device. Shapes
-are computed at run time, so the module accepts any batch and sequence length.
+become buffers on the module (``.to(device)`` moves them). Shapes are computed at run time
+as Python ints (``optimizer.lower.torch_shapes``), so the module accepts any batch and
+sequence length, never waits on the device for a shape, and ``torch.compile`` traces it
+without graph breaks.
 
 Quantize-pass decisions get int8 or fp8 kernels per ``matmul`` (``optimizer.lower.torch_quant``).
 Refused with a ``PassError`` naming the node: an operator with no torch implementation
@@ -25,18 +25,18 @@ import inspect
 import operator
 import re
 from collections import Counter
+from typing import Any
 
 import onnx_ir as ir
 import torch
 
-from optimizer.lower import torch_ops, torch_ops_nn, torch_ops_quant, torch_quant
+from optimizer.lower import torch_ops, torch_ops_nn, torch_ops_quant, torch_quant, torch_shapes
 from optimizer.lower.torch_dtypes import to_torch
 from runtime.errors import PassError
 
 OPS = {**torch_ops.OPS, **torch_ops_nn.OPS, **torch_ops_quant.OPS}
 MULTI_OUTPUT = torch_ops.MULTI_OUTPUT | torch_ops_nn.MULTI_OUTPUT | torch_ops_quant.MULTI_OUTPUT
 VALIDATORS = torch_ops_nn.VALIDATORS
-_HOST_LIMIT = 64  # integer constants up to this many elements stay on the host (shape arithmetic)
 
 
 def lower_torch(model: ir.Model) -> tuple[ir.Model, dict]:
@@ -68,8 +68,9 @@ class _Builder:
         self.model, self.substitutes = model, substitutes
         self.graph = torch.fx.Graph()
         self.root = torch.nn.Module()
-        self.env: dict[int, torch.fx.Node] = {}
-        self.host: set[str] = set()
+        self.env: dict[int, Any] = {}  # id(value) -> fx node (a tensor, or a shape value's ints) or literal
+        self.shape_ranks = torch_shapes.shape_values(model)
+        self.as_tensor: dict[int, torch.fx.Node] = {}  # shape values that data inputs read, made tensors once
         self.names: set[str] = set()
 
     def build(self) -> torch.fx.GraphModule:
@@ -77,31 +78,31 @@ class _Builder:
             self.env[id(value)] = self.graph.placeholder(self._name(value.name or "input"))
         for node in self.model.graph:
             self._node(node)
-        outputs = tuple(self._value(v, None) for v in self.model.graph.outputs)
-        self.graph.output(outputs)
+        self.graph.output(tuple(self._data(v, "graph output") for v in self.model.graph.outputs))
         self.graph.eliminate_dead_code()
-        module = torch.fx.GraphModule(self.root, self.graph, class_name="CarveModule")
-        for name in self.host & set(module._buffers):  # plain attributes: .to(device) leaves them on the host
-            setattr(module, name, module._buffers.pop(name))
-        return module.eval()
+        return torch.fx.GraphModule(self.root, self.graph, class_name="CarveModule").eval()
 
     def _node(self, node: ir.Node) -> None:
         where = f"node {node.name or '(unnamed)'} ({node.op_type})"
         if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
-            self.env[id(node.outputs[0])] = self._tensor(_constant_value(node, where), node.outputs[0].name or node.name)
+            self._constant(node.outputs[0], _constant_value(node, where), node.outputs[0].name or node.name)
             return
         substitute = self.substitutes.get(id(node))
         if substitute is not None:
-            args = tuple(self._value(v, where) if isinstance(v, ir.Value) else self._tensor(v, f"{node.name}_w")
+            args = tuple(self._data(v, where) if isinstance(v, ir.Value) else self._tensor(v, f"{node.name}_w")
                          for v in substitute.inputs)
             self.env[id(node.outputs[0])] = self._call(substitute.kernel, args, {}, node.name)
             return
-        fn = _implementation(node, where)
-        args = [self._value(v, where) if v is not None else None for v in node.inputs]
+        is_shape = id(node.outputs[0]) in self.shape_ranks
+        fn = torch_shapes.SHAPE_OPS[node.op_type] if is_shape else _implementation(node, where)
+        raw = torch_shapes.SHAPE_INPUTS.get(node.op_type, set()) if not is_shape else range(len(node.inputs))
+        args = [None if v is None else self._ints(v) if i in raw and id(v) in self.shape_ranks else self._data(v, where)
+                for i, v in enumerate(node.inputs)]
         while args and args[-1] is None:
             args.pop()
         attrs = _attributes(node, where)
         _check_signature(fn, node, args, attrs, where)
+        attrs = {k: self._tensor(v, f"{node.name}_{k}") if isinstance(v, torch.Tensor) else v for k, v in attrs.items()}
         call = self._call(fn, tuple(args), attrs, node.name)
         self._outputs(node, call, where)
 
@@ -117,21 +118,39 @@ class _Builder:
             raise PassError(f"{where}: its output {unused[0].name!r} is read, but the torch lowering computes only "
                             f"the first output of {node.op_type}; remove that use or run the model with --target ort-cpu.")
 
-    def _value(self, value: ir.Value, where: str | None) -> torch.fx.Node:
+    def _ints(self, value: ir.Value):
+        """A shape value as Python ints: a literal for constants, else the fx node computing it."""
+        if id(value) not in self.env:
+            self.env[id(value)] = ir.convenience.get_const_tensor(value).numpy().tolist()
+        return self.env[id(value)]
+
+    def _data(self, value: ir.Value, where: str) -> torch.fx.Node:
+        """``value`` as a tensor (shape values are converted once)."""
+        if id(value) in self.shape_ranks:
+            if id(value) not in self.as_tensor:
+                const = ir.convenience.get_const_tensor(value)
+                self.as_tensor[id(value)] = self._tensor(_torch_tensor(const, where), value.name) if const is not None \
+                    else self._call(torch_shapes.to_tensor, (self._ints(value), torch_shapes.tensor_dtype(value)), {},
+                                    f"{value.name}_tensor")
+            return self.as_tensor[id(value)]
         found = self.env.get(id(value))
         if found is not None:
             return found
         if value.const_value is not None:
             self.env[id(value)] = self._tensor(_torch_tensor(value.const_value, where), value.name)
             return self.env[id(value)]
-        raise PassError(f"{where or 'graph output'}: value {value.name!r} has no producer, initializer or input; "
+        raise PassError(f"{where}: value {value.name!r} has no producer, initializer or input; "
                         "the graph is malformed, re-run `carve optimize`.")
+
+    def _constant(self, value: ir.Value, tensor: torch.Tensor, hint: str | None) -> None:
+        if id(value) in self.shape_ranks:
+            self.env[id(value)] = tensor.tolist()
+        else:
+            self.env[id(value)] = self._tensor(tensor, hint)
 
     def _tensor(self, tensor: torch.Tensor, hint: str | None) -> torch.fx.Node:
         name = self._name(f"c_{hint or 'const'}")
         self.root.register_buffer(name, tensor)
-        if not (tensor.dtype.is_floating_point or tensor.dtype.is_complex) and tensor.numel() <= _HOST_LIMIT:
-            self.host.add(name)
         return self.graph.get_attr(name)
 
     def _call(self, fn, args: tuple, kwargs: dict, hint: str | None) -> torch.fx.Node:

@@ -5,12 +5,11 @@ and its attributes as keywords with the ONNX defaults, and returns a tensor (or 
 operators registered with several outputs). ``OPS`` maps ONNX op types (default domain) to
 them; ``optimizer.lower.torch_ops_nn`` and ``torch_ops_quant`` add the rest.
 
-Shapes are computed at run time, so one module serves every batch and sequence length:
-``Shape`` returns a host (CPU) int64 tensor, and inputs that ONNX defines as shapes, axes or
-indices lists (``Reshape``'s shape, ``Slice``'s starts...) are read with ``ints`` (a host
-tensor's ``tolist`` costs no device sync). Small integer constants stay on the host too
-(``optimizer.lower.torch``), so ``align`` moves a host operand to the other operand's device
-where an operator mixes the two (a host index gathering from a CUDA tensor).
+Shapes are computed at run time, so one module serves every batch and sequence length.
+Shape arithmetic runs on Python ints (``optimizer.lower.torch_shapes``); inputs that ONNX
+defines as shapes, axes or index lists (``Reshape``'s target, ``Slice``'s starts...) are read
+with ``ints``, which takes those ints or a tensor. ``align`` moves a CPU operand (a shape
+value made a tensor) to the other operand's device where an operator mixes the two.
 """
 
 from __future__ import annotations
@@ -24,12 +23,14 @@ from optimizer.lower.torch_dtypes import TORCH_DTYPES
 
 
 def ints(value) -> list[int]:
-    """An ONNX shape/axes/indices input (tensor, list, or None) as a list of Python ints."""
+    """An ONNX shape/axes/indices input (tensor, list, int, or None) as a list of ints."""
     if value is None:
         return []
     if isinstance(value, torch.Tensor):
         return [int(v) for v in value.reshape(-1).tolist()]
-    return [int(v) for v in value]
+    if isinstance(value, (list, tuple)):
+        return list(value)  # shape values: ints, or symbolic ints under torch.compile (never int()-ed)
+    return [value]
 
 
 def align(*tensors):
@@ -163,7 +164,7 @@ def slice_(x, starts, ends, axes=None, steps=None):
         axis %= x.dim()
         first, stop, stride = slice(start, end, step).indices(x.shape[axis])  # ONNX clamps as Python does
         if stride > 0:
-            x = x.narrow(axis, first, max(0, -(-(stop - first) // stride)))
+            x = x.narrow(axis, first, max(0, stop - first))
             x = x[(slice(None),) * axis + (slice(None, None, stride),)] if stride > 1 else x
         else:
             index = torch.arange(first, stop, stride, device=x.device)
@@ -221,9 +222,10 @@ def tile(x, repeats):
 
 
 def range_(start, limit, delta):
-    dtype = start.dtype
-    values = [v.item() for v in (start, limit, delta)]
-    return torch.arange(*values, dtype=dtype)
+    if not isinstance(start, torch.Tensor):  # shape values: Python ints
+        return torch.arange(start, limit, delta, dtype=torch.int64)
+    values = [v.item() if isinstance(v, torch.Tensor) else v for v in (start, limit, delta)]
+    return torch.arange(*values, dtype=start.dtype)
 
 
 def constant_of_shape(target, *, value=None):
