@@ -28,12 +28,7 @@ weight-only modes). ``kv`` computes KV-cache scales (``passes.quantize_kv``).
 The pass writes the target-neutral decision (``passes.quantize_rewrite``); the lowering for
 the target turns it into kernels (``optimizer.lower.ort_quant`` for ``ort-cpu``).
 
-Calibration data (``calib``): ``auto`` uses ``ctx.calibration`` when the caller set it (a
-built-in name or spec, or feeds), else the example inputs the model came with (``w8a8``
-refuses those: static scales from a few random rows do not carry over to real data), else
-none (no smoothing or outlier channels); a built-in model name uses that model's calibration
-split (news articles or image crops); ``example`` forces the example inputs; ``none`` turns
-both aids off (not allowed for ``w8a8``). ``calib_samples`` caps the samples.
+Calibration data (``calib``, ``calib_samples``): see ``passes.quantize_calib``.
 """
 
 from __future__ import annotations
@@ -50,6 +45,7 @@ from optimizer.pipeline import Pass, PassContext, PassResult, register
 from passes import quantize_extras as extras
 from passes import quantize_math as qm
 from passes import quantize_wonly as wonly
+from passes.quantize_calib import clip_on, statistics
 from passes.quantize_block import awq_factors, check_block, quantize_clipped
 from passes.quantize_rewrite import activation_qdq, as_matmul, constant, foldable, quantize_weight, scaled_input
 from passes.quantize_sites import Site, find_sites, read_weight, select, skip_words
@@ -57,7 +53,6 @@ from passes.quantize_split import outlier_channels, producer_chain, split
 from runtime.errors import PassError
 
 MODES = ("dynamic", "w8", "w4", "w8a8")
-SAMPLE_ROWS = 256
 # Smoothing that needs a Mul (it cannot fold into a norm or an upstream matmul) runs on every call:
 # on MiniLM at two threads 24 such Muls cost ~5% of the model. It must then cut the simulated
 # error by this fraction (MiniLM: 16 Muls instead of 24, embedding cosine 0.99863 against 0.99838).
@@ -117,7 +112,7 @@ class Quantize(Pass):
         tables = extras.Tables.find(model, model_map, opts, fmt)
         notes += tables.notes + extras.lift_opset(model, fmt, tables.fmt)
         groups = _groups(sites)
-        stats, calib_note, batches = _statistics(model, ctx, opts, groups, tables.head_inputs())
+        stats, calib_note, batches = statistics(model, ctx, opts, [x.name for x, _ in groups] + tables.head_inputs())
         kv = extras.kv_scales(model, model_map, batches, opts.kv)
         splits = _split_outliers(model.graph, groups, sites, stats, opts)
         # Plan every group before changing weights: a smoothing factor may fold into the columns
@@ -129,7 +124,7 @@ class Quantize(Pass):
                 plan.how = scaled_input(model.graph, plan.x, plan.sites, plan.factors, upstream)
         for plan in plans:
             plan.quantized = [_quantized(site, plan, opts, fmt) for site in plan.sites]
-        tables.prepare(stats, _clip(opts, tables.fmt))
+        tables.prepare(stats, clip_on(opts, tables.fmt))
         float_blocks, budget = extras.budget(model, plans, tables, batches, opts, ctx)
         records = [_apply(model.graph, plan, opts, fmt, float_blocks) for plan in plans]
         for record in records:
@@ -174,54 +169,6 @@ def _groups(sites: list[Site]) -> list[tuple[ir.Value, list[Site]]]:
     for site in sites:
         by_input.setdefault(id(site.input), (site.input, []))[1].append(site)
     return list(by_input.values())
-
-
-def _statistics(model: ir.Model, ctx: PassContext, opts, groups, extra: list[str]):
-    """(statistics by value name, note, calibration batches or None)."""
-    weight_only = opts.mode in wonly.BITS
-    aids = opts.smooth or (opts.outliers and not weight_only) or (weight_only and _clip(opts, wonly.weight_format(opts)))
-    must = opts.mode == "w8a8" or opts.budget is not None or opts.kv != "none"
-    if not must and (opts.calib == "none" or not aids):
-        return {}, "no calibration (smoothing and clipping off)", None
-    from optimizer.calibrate import collect
-
-    if opts.calib == "auto" and not must and getattr(ctx, "calibration", None) is None and not ctx.example_feeds:
-        return {}, "no calibration data (no example inputs): smoothing and float outlier channels off", None
-    if opts.calib == "none":
-        raise PassError("budget= and kv= measure on calibration data; drop calib=none.")
-    batches, where = _calibration(ctx, opts)
-    names = [x.name for x, _ in groups] + extra
-    stats = collect(model, names, batches, progress=ctx.progress, keep_rows=SAMPLE_ROWS)
-    return stats, f"calibration: {where}", batches
-
-
-def _calibration(ctx: PassContext, opts) -> tuple[list[dict[str, np.ndarray]], str]:
-    from optimizer.calibrate import calibration_feeds
-
-    source = opts.calib
-    if source == "auto":
-        given = getattr(ctx, "calibration", None)
-        source = given if given is not None else "example"
-    if isinstance(source, str) and source == "example":
-        if opts.mode == "w8a8" and opts.calib == "auto":
-            # Measured: MiniLM's static scales from its two random-token example rows gave an
-            # embedding cosine of 0.936 on real text (0.994 with its news calibration split).
-            raise PassError("mode w8a8 fixes activation scales from calibration data but only the model's example "
-                            "inputs are at hand; give calib=NAME (a built-in model's calibration data) or calib=example.")
-        if not ctx.example_feeds:
-            raise PassError("quantize needs calibration data but the model came with no example inputs; "
-                            "set calib=NAME (a built-in model's data) or calib=none.")
-        feeds = calibration_feeds(ctx.example_feeds, opts.calib_samples)
-        return feeds, f"the example inputs ({_describe(feeds)})"
-    feeds = calibration_feeds(source, opts.calib_samples)
-    label = source if isinstance(source, str) else getattr(source, "name", type(source).__name__)
-    return feeds, f"{label} calibration data ({_describe(feeds)})"
-
-
-def _describe(feeds: list[dict[str, np.ndarray]]) -> str:
-    first = next(iter(feeds[0].values()))
-    rows = sum(len(next(iter(b.values()))) for b in feeds)
-    return f"{rows} samples of shape {list(first.shape[1:])}"
 
 
 def _split_outliers(graph: ir.Graph, groups, sites: list[Site], stats: dict, opts) -> dict[str, list[int]]:
@@ -269,11 +216,6 @@ def _plan(x: ir.Value, sites: list[Site], stats, opts, fmt) -> _Plan:
     return plan
 
 
-def _clip(opts, fmt) -> bool:
-    """Clipping search: as asked, else on for 4-bit formats (int8 steps are fine enough)."""
-    return fmt is not None and (opts.clip if opts.clip is not None else fmt.bits == 4)
-
-
 def scaled_weight(site: Site, plan: _Plan) -> np.ndarray:
     return site.weight if plan.factors is None else site.weight * plan.factors[:, None]
 
@@ -283,7 +225,7 @@ def _quantized(site: Site, plan: _Plan, opts, fmt) -> tuple[np.ndarray, np.ndarr
     if fmt is None or not opts.per_channel:
         return qm.quantize_weight(weight, opts.per_channel)
     return quantize_clipped(weight, fmt, wonly.importance(plan.stats) if plan.factors is None
-                            else _scaled_importance(plan), _clip(opts, fmt))
+                            else _scaled_importance(plan), clip_on(opts, fmt))
 
 
 def _scaled_importance(plan: _Plan) -> np.ndarray | None:
