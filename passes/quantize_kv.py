@@ -9,7 +9,9 @@ Where the cached tensors are, for each block's attention site of the model map:
 - the value: likewise from ``v`` to the attention output, not depending on the probabilities.
 
 These are the tensors a KV cache stores (``past_key_values.{i}.key|value`` are
-``[batch, kv_heads, past, head_dim]``). A block whose site lacks K or V, shares one value for
+``[batch, kv_heads, past, head_dim]``): where the ``kv_cache`` pass accepts the site, its own
+cache points (``passes.kv_cache_find.find_site``) are used, so both passes name the same
+tensors; the search above is the fallback (sites without a causal mask). A block whose site lacks K or V, shares one value for
 Q/K/V (fused projection) or has no such value with a static shape gets no entry and a note.
 
 Statistics: |x| maximum per KV head over batch, tokens and channels, padded tokens (``attention_
@@ -53,14 +55,24 @@ def locate(model: ir.Model, model_map) -> tuple[list[tuple[int, str, str]], list
         if att is None or not (att.k and att.v and att.q) or len({att.q, att.k, att.v}) < 3 or not att.kv_heads:
             notes.append(f"block {block.index}: no separate K and V projections with known heads; no KV scales")
             continue
-        scores = att.scores or _softmax_input(model, att.softmax_node)
-        key = _cached(values, att.k, scores, att.q, att)
-        value = _cached(values, att.v, att.output, att.probs, att)
+        key, value = _cache_points(model, values, block.index, att)
         if key is None or value is None:
             notes.append(f"block {block.index}: no [batch, kv_heads, tokens, head_dim] key/value tensor found")
             continue
         found.append((block.index, key, value))
     return found, notes
+
+
+def _cache_points(model: ir.Model, values, layer: int, att) -> tuple[str | None, str | None]:
+    """The kv_cache pass's own cache points when it accepts the site, else the search by shape."""
+    from passes.kv_cache_find import find_site, shape_only
+
+    try:
+        found = find_site(model.graph, values, layer, att, shape_only(model.graph))
+        return found.key.name, found.value.name
+    except PassError:  # not a site the cache rewrite takes (e.g. no causal mask): search by shape
+        scores = att.scores or _softmax_input(model, att.softmax_node)
+        return _cached(values, att.k, scores, att.q, att), _cached(values, att.v, att.output, att.probs, att)
 
 
 def _values(graph: ir.Graph) -> dict[str, ir.Value]:
