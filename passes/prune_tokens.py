@@ -73,7 +73,7 @@ class PruneTokens(Pass):
         protect: int = 1  # leading tokens always kept (the CLS)
         protect_ids: tuple[int, ...] = ()  # token ids always kept (e.g. [SEP])
         restore: Literal["auto", "always", "never"] = "auto"
-        fill: Literal["last", "nearest"] = "last"  # what restored dropped tokens hold
+        fill: Literal["nearest", "last"] = "nearest"  # what restored dropped tokens hold
 
         def validate(self) -> None:
             plan.validate(self)
