@@ -106,6 +106,12 @@ def cmd_eval(args) -> int:
 
     if args.kv_policies:
         return _eval_kv(args)
+    if args.stream:
+        from optimizer.eval_stream import eval_stream, format_stream
+
+        result = eval_stream(args.artifact, args.stream, args.scene)
+        print(json.dumps(result, indent=2) if args.json else format_stream(result))
+        return 0
     result = evaluate(args.artifact, quick=args.quick)
     if args.json:
         print(json.dumps(result, indent=2))

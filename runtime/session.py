@@ -4,7 +4,8 @@
 Runtime, and checks every feed against the manifest's signature before running, so a wrong
 name, dtype or shape is one clear ``FeedError`` rather than an ONNX Runtime stack dump. A
 KV-cached decoder given only ``input_ids`` (and ``attention_mask``) runs as a prefill: an empty
-past and positions from the mask are filled in (``runtime.kv.prefill_feeds``).
+past and positions from the mask are filled in (``runtime.kv.prefill_feeds``); a feature-cache
+artifact given no state gets zeros, which always recompute (``runtime.stream``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import onnxruntime as ort
 from runtime.errors import ArtifactError, FeedError
 from runtime.feeds import check_feeds
 from runtime.kv import prefill_feeds
+from runtime.stream import stateless_feeds
 from runtime.manifest import read_manifest, verify_files
 
 
@@ -37,7 +39,7 @@ class Session:
         return self._ort.get_providers()
 
     def run(self, feeds: Mapping[str, Any], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
-        arrays = check_feeds(prefill_feeds(self.inputs, feeds), self.inputs)
+        arrays = check_feeds(stateless_feeds(self.inputs, prefill_feeds(self.inputs, feeds)), self.inputs)
         names = outputs or [spec["name"] for spec in self.outputs]
         unknown = [n for n in names if n not in {spec["name"] for spec in self.outputs}]
         if unknown:

@@ -1,0 +1,97 @@
+"""Running a stream of inputs with reuse across calls: the feature cache's state and an exact-input cache.
+
+``StreamSession(session)`` wraps a loaded artifact. When the artifact was made with the
+``feature_cache`` pass, it feeds each call the state the previous call returned (the last
+computed residual and outputs), so calls whose input barely changed skip the model after the
+first block; ``recomputed``/``calls`` count how often the rest ran. With ``exact=N`` it also keeps
+the outputs of the last N distinct inputs, keyed by a hash of the feeds, so an input seen before
+(the same image) returns its outputs without running anything.
+
+A plain ``Session.run`` of a feature-cache artifact gets zero state (``stateless_feeds``), which
+always recomputes: the first call of a stream, ``carve run`` and ``carve eval`` are exact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from typing import Any
+
+import numpy as np
+
+RESIDUAL_IN = "feature_cache.residual"
+RESIDUAL_OUT = "feature_cache.next_residual"
+RECOMPUTED = "feature_cache.recomputed"
+PREVIOUS = "feature_cache.previous."
+
+
+def has_state(inputs: list[dict]) -> bool:
+    return any(spec["name"] == RESIDUAL_IN for spec in inputs)
+
+
+def stateless_feeds(inputs: list[dict], feeds: dict) -> dict:
+    """``feeds`` plus zero state where the artifact wants state and none was given."""
+    if not has_state(inputs) or RESIDUAL_IN in feeds:
+        return dict(feeds)
+    sizes = _symbol_sizes(inputs, feeds)
+    out = dict(feeds)
+    for spec in inputs:
+        if spec["name"] == RESIDUAL_IN or spec["name"].startswith(PREVIOUS):
+            shape = [d if isinstance(d, int) else sizes.get(d, 1) for d in spec["shape"] or []]
+            out[spec["name"]] = np.zeros(shape, np.dtype(spec["dtype"]))
+    return out
+
+
+def _symbol_sizes(inputs: list[dict], feeds: dict) -> dict[str, int]:
+    sizes = {}
+    for spec in inputs:
+        if spec["name"] in feeds and spec["shape"]:
+            for dim, size in zip(spec["shape"], np.shape(feeds[spec["name"]])):
+                if isinstance(dim, str):
+                    sizes[dim] = int(size)
+    return sizes
+
+
+class StreamSession:
+    def __init__(self, session: Any, exact: int = 0):
+        self.session, self.exact = session, exact
+        self.stateful = has_state(session.inputs)
+        self.outputs = [o["name"] for o in session.outputs if not o["name"].startswith("feature_cache.")]
+        self.state: dict[str, np.ndarray] = {}
+        self.calls = self.recomputed = self.exact_hits = 0
+        self._seen: OrderedDict[bytes, dict] = OrderedDict()
+
+    def run(self, feeds: dict) -> dict[str, np.ndarray]:
+        self.calls += 1
+        key = _digest(feeds) if self.exact else None
+        if key is not None and key in self._seen:
+            self._seen.move_to_end(key)
+            self.exact_hits += 1
+            return self._seen[key]
+        result = self._run(feeds)
+        if key is not None:
+            self._seen[key] = result
+            while len(self._seen) > self.exact:
+                self._seen.popitem(last=False)
+        return result
+
+    def _run(self, feeds: dict) -> dict[str, np.ndarray]:
+        if not self.stateful:
+            self.recomputed += 1
+            return self.session.run(feeds, self.outputs)
+        same_shape = self.state and self.state[RESIDUAL_IN].shape[0] == np.shape(next(iter(feeds.values())))[0]
+        outs = self.session.run({**feeds, **(self.state if same_shape else {})})
+        self.recomputed += bool(outs[RECOMPUTED])
+        self.state = {RESIDUAL_IN: outs[RESIDUAL_OUT], **{PREVIOUS + n: outs[n] for n in self.outputs}}
+        return {n: outs[n] for n in self.outputs}
+
+    def reset(self) -> None:
+        self.state = {}
+
+
+def _digest(feeds: dict) -> bytes:
+    h = hashlib.sha256()
+    for name in sorted(feeds):
+        array = np.ascontiguousarray(feeds[name])
+        h.update(name.encode() + str(array.dtype).encode() + str(array.shape).encode() + array.tobytes())
+    return h.digest()
