@@ -197,3 +197,37 @@ def test_cli_writes_the_graph_and_says_engines_need_tensorrt(tmp_path, capsys):
 def test_unknown_target_names_the_targets(tmp_path):
     with pytest.raises(PassError, match="tensorrt"):
         optimize("tiny-bert", target="tensorrtx", output=tmp_path / "x")
+
+
+@pytest.mark.parametrize("spec", ["quantize:mode=w4", "quantize:mode=w4,block=32"])
+def test_w4_is_exact_in_fp32_block_quantized_over_k_and_legal(spec):
+    from optimizer.lower.tensorrt import TensorRTOptions, lower_tensorrt
+    from optimizer.pipeline import PassContext, instantiate, run_pipeline
+    from optimizer.progress import Progress
+    from optimizer.specs import parse_spec
+    from optimizer.trace_cache import cached_trace
+
+    spec_of = registry.get("tiny-llama")
+    feeds = _feeds("tiny-llama")
+    ctx = PassContext(example_feeds=feeds, calibration=spec_of, progress=Progress())
+    decided, _ = run_pipeline(cached_trace(spec_of, Progress()), parse_spec(spec), ctx)
+    assert instantiate(parse_spec(spec))
+    want = _ort(decided, feeds)
+    lowered, details = lower_tensorrt(ir.from_proto(ir.to_proto(decided)), TensorRTOptions(precision="fp32"))
+    assert check(lowered) == [] and lowered.opset_imports[""] >= 21
+    int4 = [n for n in lowered.graph if n.op_type == "DequantizeLinear" and n.inputs[0].dtype == ir.DataType.INT4]
+    assert len(int4) == details["quantization"]["sites"]["w4"] > 0
+    assert all(n.attributes["axis"].as_int() == 0 and n.attributes["block_size"].as_int() > 0 for n in int4)
+    for got, expected in zip(_ort(lowered, feeds), want):
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+
+
+def _ort(model: ir.Model, feeds) -> list[np.ndarray]:
+    """Plain ONNX semantics: ORT's optimizer would turn a block-wise int4 DequantizeLinear + MatMul into
+    its MatMulNBits kernel, whose rounding differs from the per-channel form it started as."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(ir.to_proto(model).SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return session.run(None, {i.name: feeds[i.name] for i in session.get_inputs()})

@@ -23,6 +23,7 @@ from optimizer.lower.tensorrt_legal import check
 pytestmark = pytest.mark.slow
 FAST_W8A8 = "quantize:mode=w8a8,calib=example,smooth=false,outliers=0"
 FAST_W8 = "quantize:mode=w8,smooth=false"
+FAST_W4 = "quantize:mode=w4,block=32,smooth=false,clip=false"
 
 
 def _legal(art) -> ir.Model:
@@ -79,3 +80,15 @@ def test_smollm2_cached_w8a8_is_legal(tmp_path):
     art = optimize("smollm2-135m", passes=[FAST_W8A8, "kv_cache"], target="tensorrt", output=tmp_path / "int8")
     _legal(art)
     assert art.manifest["lowering"]["quantization"]["sites"] == {"w8a8": art.manifest["passes"][0]["sites"]}
+
+
+@pytest.mark.parametrize("name, passes", [("minilm", [FAST_W4]), ("vit-s", [FAST_W4]), ("smollm2-135m", [FAST_W4, "kv_cache"])])
+def test_int4_weight_only_is_legal(name, passes, tmp_path):
+    art = optimize(name, passes=passes, target="tensorrt", output=tmp_path / "int4")
+    model = _legal(art)
+    quantization = art.manifest["lowering"]["quantization"]
+    int4 = [n for n in model.graph if n.op_type == "DequantizeLinear" and n.inputs[0].dtype == ir.DataType.INT4]
+    assert len(int4) == quantization["sites"]["w4"]
+    # The pass also counts embedding tables as sites; for TensorRT they are stored dequantized.
+    assert quantization["sites"]["w4"] + quantization["dequantized_tables"] == art.manifest["passes"][0]["sites"]
+    assert model.opset_imports[""] >= 21

@@ -14,8 +14,11 @@ only on weights, no int32 bias DequantizeLinear: the bias stays a float Add), so
   it is lowered as weight-only int8: the same int8 weights, activations in float. This is
   recorded in the lowering's details; use ``quantize:mode=w8a8`` for int8 activations;
 - ``w4`` (and any int4 weights): ``DequantizeLinear`` with ``block_size`` over K (axis 0),
-  scale [K / block, N], opset 21; uint4 weights with a constant zero point are made symmetric
-  int4 when the zero point is 8 (the same grid), anything else is refused;
+  scale [K / block, N], opset 21; per-channel int4 becomes one block spanning K (the same
+  values: TensorRT reads int4 only block-wise); uint4 weights with a constant zero point are
+  made symmetric int4 when the zero point is 8 (the same grid), anything else is refused;
+- quantized tables (a constant DequantizeLinear read by Gather, or by a Transpose for a tied
+  head) are stored dequantized: weight DequantizeLinear is fused only into the MatMul reading it;
 - ``fp8=True`` turns every ``w8a8`` site into FP8 E4M3: the activation pair keeps its clipping
   range (scale x 127 / 448) with a float8 zero point, the weights are re-quantized per output
   channel to E4M3 (scale = max|W_col| / 448). Opset >= 19.
@@ -63,12 +66,16 @@ def lower_qdq(model: ir.Model, fp8: bool = False) -> dict:
         modes["w8 (from dynamic)" if mode == "dynamic" else mode] += 1
     for act in activations.values():
         _activation_to_fp8(model.graph, act)
+    tables = _float_tables(model.graph)
+    if tables:
+        notes.append(f"{tables} quantized table(s) read by Gather or Transpose stored dequantized: carve fuses "
+                     "weight DequantizeLinear for TensorRT only into the GEMM that reads it")
     if modes["w8 (from dynamic)"]:
         notes.append("mode dynamic lowered as weight-only int8: TensorRT has no run-time int8 activation "
                      "quantization and static scales need calibration (use quantize:mode=w8a8)")
     needed = 21 if modes["w4"] else 19 if modes["fp8"] else 13
     opset = ensure_opset(model, needed) if sites else model.opset_imports.get("", 0)
-    return {"sites": dict(modes), "opset": opset, "notes": notes}
+    return {"sites": dict(modes), "dequantized_tables": tables, "opset": opset, "notes": notes}
 
 
 def ensure_opset(model: ir.Model, minimum: int) -> int:
@@ -142,6 +149,7 @@ def _activation_to_fp8(graph: ir.Graph, dq: ir.Node) -> None:
 def _symmetric_int4(graph: ir.Graph, dq: ir.Node) -> None:
     """Block-quantized int4 weights over K with zero point 0, as TensorRT's INT4 weight-only GEMM reads them."""
     q = ir.convenience.get_const_tensor(dq.inputs[0])
+    _per_channel_as_one_block(graph, dq)
     block = dq.attributes.get("block_size")
     axis = dq.attributes.get("axis")
     if block is None or block.as_int() <= 0 or len(q.shape) != 2 or (axis is not None and axis.as_int() not in (0, -2)):
@@ -169,3 +177,59 @@ def _drop_zero_point(dq: ir.Node) -> None:
         old = dq.inputs[2]
         dq.resize_inputs(2)
         drop_if_unused(dq.graph, old)
+
+
+def _float_tables(graph: ir.Graph) -> int:
+    """Constant DequantizeLinear outputs read other than as a MatMul weight become float constants."""
+    count = 0
+    for dq in [n for n in graph if n.op_type == "DequantizeLinear"]:
+        out = dq.outputs[0]
+        if not out.uses() or all(u.node.op_type == "MatMul" and u.idx == 1 for u in out.uses()):
+            continue
+        if any(ir.convenience.get_const_tensor(v) is None for v in dq.inputs if v is not None):
+            continue
+        table = _dequantized_blocks(dq)
+        out.replace_all_uses_with(constant(graph, f"{out.name or dq.name}_float", table))
+        old = list(dq.inputs)
+        graph.remove(dq, safe=True)
+        for value in old:
+            drop_if_unused(graph, value)
+        count += 1
+    return count
+
+
+def _dequantized_blocks(dq: ir.Node) -> np.ndarray:
+    """The float values of a constant DequantizeLinear, per tensor, per axis or per block."""
+    q = _const(dq.inputs[0]).astype(np.float32)
+    scale = _const(dq.inputs[1]).astype(np.float32)
+    zero = _const(dq.inputs[2]).astype(np.float32) if len(dq.inputs) > 2 and dq.inputs[2] is not None else 0.0
+    axis = dq.attributes["axis"].as_int() % q.ndim if "axis" in dq.attributes else 1 % max(q.ndim, 1)
+    block = dq.attributes["block_size"].as_int() if "block_size" in dq.attributes else 0
+    if block:
+        scale = np.repeat(scale, block, axis=axis).take(range(q.shape[axis]), axis=axis)
+        zero = np.repeat(zero, block, axis=axis).take(range(q.shape[axis]), axis=axis) if np.ndim(zero) else zero
+    elif scale.ndim == 1:
+        shape = [1] * q.ndim
+        shape[axis] = -1
+        scale = scale.reshape(shape)
+        zero = np.reshape(zero, shape) if np.ndim(zero) else zero
+    return ((q - zero) * scale).astype(np.float32)
+
+
+def _per_channel_as_one_block(graph: ir.Graph, dq: ir.Node) -> None:
+    """Per-output-channel int4 weights [K, N] (scale [N], axis 1) as one block spanning K: the same
+    values, in the block form TensorRT reads int4 in (scale [1, N], axis 0, block_size K)."""
+    q = ir.convenience.get_const_tensor(dq.inputs[0])
+    scale = ir.convenience.get_const_tensor(dq.inputs[1])
+    axis = dq.attributes["axis"].as_int() if "axis" in dq.attributes else 1
+    if "block_size" in dq.attributes or len(q.shape) != 2 or len(scale.shape) != 1 or axis not in (1, -1):
+        return
+    old = dq.inputs[1]
+    dq.replace_input_with(1, constant(graph, f"{old.name}_k_block", scale.numpy().reshape(1, -1)))
+    drop_if_unused(graph, old)
+    if len(dq.inputs) > 2 and dq.inputs[2] is not None:
+        zero = dq.inputs[2]
+        dq.replace_input_with(2, constant(graph, f"{zero.name}_k_block", _const(zero).reshape(1, -1)))
+        drop_if_unused(graph, zero)
+    dq.attributes["axis"] = ir.AttrInt64("axis", 0)
+    dq.attributes["block_size"] = ir.AttrInt64("block_size", q.shape[0])
