@@ -6,6 +6,7 @@ import onnx_ir as ir
 
 from runtime.errors import PassError
 
+
 class _Targets(tuple):
     """Target names; ``in`` also accepts a known target with options, e.g. ``tensorrt:precision=bf16``."""
 
