@@ -70,6 +70,9 @@ def build_prune(model: ir.Model, model_map: Any, opts: Any) -> dict[str, Any]:
     graph = model.graph
     values = values_by_name(graph)
     stages = plan.stages(model_map, values, opts)
+    if not stages:  # a schedule of ratios 1.0: nothing to drop
+        return {"mode": opts.mode, "stages": [], "restored": False, "restore_reason": "nothing dropped",
+                "tokens_per_block": [(1.0, 1.0)] * len(model_map.blocks)}
     tokens = plan.tokens_of(graph, model_map, stages[0].gather)
     tokens.source = opts.source if opts.source != "auto" else ("cls" if opts.protect else "mean")
     last = values[model_map.blocks[-1].output]
@@ -96,7 +99,7 @@ def build_prune(model: ir.Model, model_map: Any, opts: Any) -> dict[str, Any]:
         if opts.fill == "nearest":
             token_map = ops.op("GatherElements", nearest_kept(ops, stage.gather, kept.stream), token_map, axis=1)
         positions, previous_dim, previous_nodes = kept.positions, dim, {id(n) for n in nodes}
-        records.append(_record(model_map, stage, kept.static, opts, rewritten))
+        records.append(_record(model_map, stage, kept.static, opts, rewritten) | {"indices": kept.relative.name})
     if restore and opts.fill == "nearest":
         full = take_representatives(ops, last, token_map)
         reroute_readers(graph, last, full, readers, last_shape)
