@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 
 from models import registry
 from optimizer import optimize
@@ -29,3 +30,27 @@ def test_skip_then_quantize(tmp_path):
     assert cos(out_skip, out_both) > 0.99          # quantization's own loss stays small after skipping
     assert np.abs(out_plain - out_skip).max() > 1e-3   # the skip took effect
     assert np.abs(out_skip - out_both).max() < np.abs(out_plain - out_both).max()  # and survives quantizing
+
+
+def test_prune_tokens_then_quantize(tmp_path):
+    spec = registry.get("tiny-bert")
+    feeds = {k: v.numpy() for k, v in spec.example_inputs(4, 24).items()}
+    plain = optimize("tiny-bert", output=tmp_path / "plain").load()
+    pruned = optimize("tiny-bert", passes=["prune_tokens:keep=0.5,after=2"], output=tmp_path / "prune")
+    both = optimize("tiny-bert", passes=["prune_tokens:keep=0.5,after=2", "quantize:mode=dynamic"], output=tmp_path / "both")
+
+    records = both.manifest["passes"]
+    assert [r["name"] for r in records] == ["prune_tokens", "quantize"]
+    assert records[0]["sites"] == 1 and records[0]["details"]["stages"][0]["block"] == 2
+    alone = optimize("tiny-bert", passes=["quantize:mode=dynamic"], output=tmp_path / "q").manifest["passes"][0]["sites"]
+    assert records[1]["sites"] == alone  # pruning keeps every weight matmul; all are still quantized
+
+    out_plain = plain.run(feeds)["sentence_embedding"]
+    out_pruned = pruned.load().run(feeds)["sentence_embedding"]
+    out_both = both.load().run(feeds)["sentence_embedding"]
+    cos = lambda a, b: float(np.mean((a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)))  # noqa: E731
+    assert cos(out_pruned, out_both) > 0.98  # quantization's own loss stays small after pruning
+    assert np.abs(out_plain - out_pruned).max() > 1e-2  # the pruning took effect
+    graph = onnx.load(str(both.path / "model.onnx")).graph
+    ops = {n.op_type for n in graph.node}
+    assert "TopK" in ops and "GatherND" in ops and ops & {"DynamicQuantizeMatMul", "MatMulInteger", "MatMulIntegerToFloat"}
