@@ -71,6 +71,7 @@ class _Builder:
         self.env: dict[int, Any] = {}  # id(value) -> fx node (a tensor, or a shape value's ints) or literal
         self.shape_ranks = torch_shapes.shape_values(model)
         self.as_tensor: dict[int, torch.fx.Node] = {}  # shape values that data inputs read, made tensors once
+        self.deferred: dict[int, ir.Node] = {}  # DequantizeLinear of constants: folded when first read
         self.names: set[str] = set()
 
     def build(self) -> torch.fx.GraphModule:
@@ -86,6 +87,9 @@ class _Builder:
         where = f"node {node.name or '(unnamed)'} ({node.op_type})"
         if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
             self._constant(node.outputs[0], _constant_value(node, where), node.outputs[0].name or node.name)
+            return
+        if _constant_dequantize(node):  # evaluated once, if and when something reads it
+            self.deferred[id(node.outputs[0])] = node
             return
         substitute = self.substitutes.get(id(node))
         if substitute is not None:
@@ -136,6 +140,12 @@ class _Builder:
         found = self.env.get(id(value))
         if found is not None:
             return found
+        if id(value) in self.deferred:
+            node = self.deferred.pop(id(value))
+            args = [_torch_tensor(ir.convenience.get_const_tensor(v), where) if v is not None else None for v in node.inputs]
+            weight = torch_ops_quant.dequantize_linear(*args, **_attributes(node, where))
+            self.env[id(value)] = self._tensor(weight, value.name or node.name)
+            return self.env[id(value)]
         if value.const_value is not None:
             self.env[id(value)] = self._tensor(_torch_tensor(value.const_value, where), value.name)
             return self.env[id(value)]
@@ -164,6 +174,13 @@ class _Builder:
             name, i = f"{base}_{i}", i + 1
         self.names.add(name)
         return name
+
+
+def _constant_dequantize(node: ir.Node) -> bool:
+    """A DequantizeLinear of constant weights: the module holds its float result instead of
+    recomputing it every call (the same numbers; weights then take float memory)."""
+    return node.op_type == "DequantizeLinear" and node.domain in ("", "ai.onnx") and all(
+        v is None or ir.convenience.get_const_tensor(v) is not None for v in node.inputs)
 
 
 def _implementation(node: ir.Node, where: str):
