@@ -5,7 +5,8 @@ inputs ``input_ids [batch, sequence]``, ``attention_mask [batch, total_sequence]
 tokens), ``position_ids [batch, sequence]``, ``past_key_values.{i}.key|value [batch, kv_heads,
 past_sequence, head_dim]``; outputs the model's own (``logits``) then ``present.{i}.key|value``
 (past and new); with ``scores=true`` also ``attention.{i} [batch, past+new]``, the attention each
-cached token received (for heavy-hitter eviction). One graph serves prefill (past length 0) and decoding. It is exact: with empty
+cached token received (for heavy-hitter eviction); with ``static=N`` the cache is a fixed
+``N``-slot buffer written at ``cache_position`` (``passes.kv_cache_static``). One graph serves prefill (past length 0) and decoding. It is exact: with empty
 past and ``position_ids = 0..n-1`` the logits equal the input graph's, and decoding token by token
 gives the logits the full graph gives for the whole sequence.
 
@@ -32,6 +33,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from optimizer.pipeline import Pass, PassContext, PassResult, register
 from passes import kv_cache_build as build
+from passes import kv_cache_static as kv_static
 from passes.kv_cache_find import SiteCache, find_site, shape_only
 from passes.kv_cache_tables import rows
 from runtime.errors import PassError
@@ -48,24 +50,37 @@ class KVCache(Pass):
     class Options:
         max_positions: int = 4096
         scores: bool = False
+        static: int = 0
 
         def validate(self) -> None:
             if self.max_positions < 2:
                 raise PassError(f"kv_cache needs max_positions >= 2, got {self.max_positions}.")
+            if self.static < 0 or self.static > self.max_positions:
+                raise PassError(f"kv_cache static={self.static} must be between 1 and max_positions "
+                                f"({self.max_positions}), or 0 for a cache that grows.")
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         graph = model.graph
         ids, mask_input = _inputs(graph)
         model_map = ctx.model_map(model)
         sites = _sites(graph, model_map)
-        _redirect_shapes(graph, mask_input, ids)
+        static = self.options.static
+        _redirect_shapes(graph, mask_input, ids, static or build.TOTAL_DIM)
         tables = _table_rows(graph, sites, ids, self.options.max_positions)
-        pasts = build.new_inputs(graph, sites, ids.shape[1] if ids.shape is not None else "sequence")
+        token_dim = ids.shape[1] if ids.shape is not None else "sequence"
         dtype = sites[0].key.dtype
-        additive, allowed = build.mask(graph, ids, mask_input, dtype)
+        if static:
+            pasts, where = kv_static.static_inputs(graph, sites, token_dim, static)
+            additive, allowed = kv_static.static_mask(graph, mask_input, where, dtype)
+        else:
+            pasts = build.new_inputs(graph, sites, token_dim)
+            additive, allowed = build.mask(graph, ids, mask_input, dtype)
         for site in sites:
             build.follow_length(graph, site)
-            build.concat(graph, site, pasts[site.layer])
+            if static:
+                kv_static.scatter(graph, site, pasts[site.layer], where)
+            else:
+                build.concat(graph, site, pasts[site.layer])
             build.apply_mask(graph, site, additive, allowed)
         for site in sites if self.options.scores else ():
             build.attention_output(graph, site)
@@ -113,8 +128,8 @@ def _table_rows(graph: ir.Graph, sites: list[SiteCache], ids: ir.Value, length: 
     return dict(zip(map(id, operands), rows(graph, operands, ids, length))) if operands else {}
 
 
-def _redirect_shapes(graph: ir.Graph, mask_input: ir.Value, ids: ir.Value) -> None:
-    mask_input.shape = ir.Shape([ids.shape[0] if ids.shape is not None else "batch", build.TOTAL_DIM])
+def _redirect_shapes(graph: ir.Graph, mask_input: ir.Value, ids: ir.Value, total: int | str) -> None:
+    mask_input.shape = ir.Shape([ids.shape[0] if ids.shape is not None else "batch", total])
     for user, slot in list(mask_input.uses()):
         if user.op_type in {"Shape", "Size"}:
             user.replace_input_with(slot, ids)
@@ -144,4 +159,5 @@ def _details(sites: list[SiteCache], opts) -> dict:
     itemsize = sites[0].key.dtype.itemsize
     per_token = sum(2 * layer["kv_heads"] * layer["head_dim"] * itemsize for layer in layers)
     return {"layers": layers, "kv_bytes_per_token": per_token, "max_positions": opts.max_positions,
-            "dtype": sites[0].key.dtype.name.lower(), "interface": "optimum", "scores": opts.scores}
+            "dtype": sites[0].key.dtype.name.lower(), "interface": "optimum", "scores": opts.scores,
+            "static": opts.static or None}

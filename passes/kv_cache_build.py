@@ -114,7 +114,7 @@ def mask(graph: ir.Graph, input_ids: ir.Value, attention_mask: ir.Value, dtype: 
     low = np.finfo(dtype.numpy()).min
     fill = [t.initializer(ir.tensor(np.array(v, dtype.numpy())), name=f"kv_cache_fill_{i}") for i, v in enumerate((0, low))]
     additive = t.op("Where", [allowed, fill[0], fill[1]], name="kv_cache_mask")
-    _commit(graph, t)
+    commit(graph, t)
     return additive, allowed
 
 
@@ -126,7 +126,7 @@ def apply_mask(graph: ir.Graph, site: SiteCache, additive: ir.Value, allowed: ir
     else:
         t = tape.Tape()
         dropped = t.op("Not", [allowed], name=f"kv_cache_dropped_{site.layer}")
-        _commit(graph, t)
+        commit(graph, t)
         site.mask_node.replace_input_with(site.mask_slot, dropped)
 
 
@@ -138,7 +138,7 @@ def lookup(graph: ir.Graph, operand: ir.Value, table: np.ndarray, position_ids: 
     if rank > 3:
         axes = t.initializer(ir.tensor(np.arange(1, rank - 2, dtype=np.int64)), name=f"kv_cache_axes_{operand.name}")
         gathered = t.op("Unsqueeze", [gathered, axes], name=f"kv_cache_lookup_{operand.name}_rank")
-    _commit(graph, t)
+    commit(graph, t)
     return gathered
 
 
@@ -150,11 +150,11 @@ def attention_output(graph: ir.Graph, site: SiteCache) -> None:
     out = t.op("ReduceSum", [site.probs, axes], {"keepdims": 0}, name=f"kv_cache_scores_{site.layer}")
     out.name = f"attention.{site.layer}"
     out.type, out.shape = site.probs.type, ir.Shape(["batch", TOTAL_DIM])
-    _commit(graph, t)
+    commit(graph, t)
     graph.outputs.append(out)
 
 
-def _commit(graph: ir.Graph, t: tape.Tape) -> None:
+def commit(graph: ir.Graph, t: tape.Tape) -> None:
     for value in t.initializers:
         graph.register_initializer(value)
     for node in t.nodes:  # every node of the rewrite is recognisable by its name

@@ -30,21 +30,23 @@ class KVLayout:
 
     layers: list[tuple[int, int]]
     dtype: np.dtype
+    static: int | None = None  # slots of a fixed-size cache (kv_cache:static=N), None when it grows
 
     @classmethod
     def of(cls, inputs: list[dict]) -> "KVLayout":
         found: dict[int, tuple[int, int]] = {}
-        dtype = np.dtype(np.float32)
+        dtype, static = np.dtype(np.float32), None
         for spec in inputs:
             match = _PAST.match(spec["name"])
             if match:
                 shape = spec["shape"]
                 found[int(match.group(1))] = (int(shape[1]), int(shape[3]))
                 dtype = np.dtype(spec["dtype"])
+                static = shape[2] if isinstance(shape[2], int) else None
         if not found:
             raise FeedError("this artifact has no KV cache (no past_key_values inputs); make it with "
                             "`carve optimize MODEL -o DIR --passes kv_cache` to generate with it.")
-        return cls([found[i] for i in range(len(found))], dtype)
+        return cls([found[i] for i in range(len(found))], dtype, static)
 
     def bytes_per_token(self) -> int:
         return sum(2 * h * d for h, d in self.layers) * self.dtype.itemsize
@@ -72,9 +74,11 @@ class KVCache:
     """Buffers for ``batch`` sequences of up to ``capacity`` tokens; ``length`` tokens are filled."""
 
     def __init__(self, layout: KVLayout, batch: int, capacity: int):
-        self.layout, self.batch, self.capacity = layout, batch, capacity
+        self.layout, self.batch = layout, batch
+        self.capacity = layout.static or capacity  # a static cache has exactly its slots
         self.length = 0
-        self._bufs = [[np.empty(batch * h * capacity * d, layout.dtype) for _ in range(4)] for h, d in layout.layers]
+        # zeros, not empty: a static cache attends over unfilled slots (masked, but NaN * 0 is NaN)
+        self._bufs = [[np.zeros(batch * h * self.capacity * d, layout.dtype) for _ in range(4)] for h, d in layout.layers]
         self._front = 0  # which half of each quad (0: buffers 0/1, 1: buffers 2/3) holds the past
 
     def shape(self, layer: int, length: int) -> tuple[int, int, int, int]:
@@ -82,14 +86,20 @@ class KVCache:
         return (self.batch, h, length, d)
 
     def past(self, layer: int, kind: int) -> np.ndarray:
-        """The filled past of one layer's key (kind 0) or value (kind 1), as a contiguous view."""
-        size = int(np.prod(self.shape(layer, self.length)))
-        return self._bufs[layer][2 * self._front + kind][:size].reshape(self.shape(layer, self.length))
+        """The past of one layer's key (kind 0) or value (kind 1), as a contiguous view: the filled
+        tokens, or every slot of a static cache."""
+        shape = self.shape(layer, self.layout.static or self.length)
+        return self._bufs[layer][2 * self._front + kind][:int(np.prod(shape))].reshape(shape)
 
     def next_buffer(self, layer: int, kind: int, length: int) -> np.ndarray:
         """Where the present of ``length`` tokens goes (the half that does not hold the past)."""
-        size = int(np.prod(self.shape(layer, length)))
-        return self._bufs[layer][2 * (1 - self._front) + kind][:size].reshape(self.shape(layer, length))
+        shape = self.shape(layer, self.layout.static or length)
+        return self._bufs[layer][2 * (1 - self._front) + kind][:int(np.prod(shape))].reshape(shape)
+
+    def require_growing(self, what: str) -> None:
+        if self.layout.static:
+            raise FeedError(f"{what} needs a cache that grows; this artifact has a static {self.layout.static}-slot "
+                            "cache (kv_cache:static); make it without static.")
 
     def advance(self, length: int) -> None:
         """The step wrote its present into the back half: it becomes the past."""
@@ -102,6 +112,7 @@ class KVCache:
 
     def keep(self, columns: np.ndarray | list[np.ndarray]) -> None:
         """Keep only these token columns (per layer when a list), in order: eviction."""
+        self.require_growing("KV eviction")
         per_layer = columns if isinstance(columns, list) else [columns] * len(self.layout.layers)
         lengths = {len(c) for c in per_layer}
         if len(lengths) != 1:
@@ -115,6 +126,7 @@ class KVCache:
 
     def load(self, arrays: list[tuple[np.ndarray, np.ndarray]]) -> None:
         """Fill the cache from per-layer (key, value) arrays of the same batch (a prefix hit)."""
+        self.require_growing("the prefix cache")
         length = arrays[0][0].shape[2]
         self.length = 0
         self.check_room(length)

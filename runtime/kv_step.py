@@ -30,6 +30,9 @@ class Stepper:
         cache.check_room(new)
         total = cache.length + new
         feeds = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+        if cache.layout.static:  # fixed-size buffers: say where the new tokens go, mask the empty slots
+            feeds["cache_position"] = np.arange(cache.length, total, dtype=np.int64)
+            feeds["attention_mask"] = np.pad(attention_mask, ((0, 0), (0, cache.layout.static - total)))
         if self.ort is not None and hasattr(self.ort, "io_binding"):
             logits, extra = self._bound(feeds, total)
         else:

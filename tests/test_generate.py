@@ -120,6 +120,16 @@ def test_prefix_cache_reuses_blocks_and_keeps_tokens(arts):
     assert second.tokens == generate(cached, [shared + [9]], max_new_tokens=4).tokens
 
 
+def test_static_cache_generates_the_same_tokens(arts, tmp_path):
+    _, cached, _ = arts
+    static = runtime.load(optimizer.optimize("tiny-llama", passes=["kv_cache:static=32"], output=tmp_path / "s").path)
+    assert generate(static, PROMPTS, max_new_tokens=10).tokens == generate(cached, PROMPTS, max_new_tokens=10).tokens
+    with pytest.raises(FeedError, match="cache holds 32"):
+        generate(static, [PROMPTS[0]], max_new_tokens=40)
+    with pytest.raises(FeedError, match="needs a cache that grows"):
+        generate(static, [PROMPTS[0]], max_new_tokens=30, policy=make_policy("window:size=8"))
+
+
 def test_prompt_longer_than_the_cache(arts):
     _, cached, _ = arts
     with pytest.raises(FeedError, match="cache holds 4"):

@@ -102,6 +102,27 @@ def test_decoding_equals_the_full_graph(llama, prefix):
         np.testing.assert_allclose(logits[:, 0], ref[:, prefix + t], atol=1e-5)
 
 
+def test_static_cache_structure_and_decoding(llama):
+    full, _, _, _ = llama
+    model, records = _cached("tiny-llama", static=16)
+    names = {v.name: v for v in model.graph.inputs}
+    assert list(names["past_key_values.0.key"].shape) == ["batch", 2, 16, 16] and "cache_position" in names
+    assert sum(n.op_type == "ScatterElements" for n in model.graph) == 4 and records[0].details["static"] == 16
+    session = _session(model)
+    ids = np.random.default_rng(3).integers(0, 264, (2, 9)).astype(np.int64)
+    ref = full.run(None, {"input_ids": ids, "attention_mask": np.ones_like(ids)})[0]
+    past = {i.name: np.zeros((2, 2, 16, 16), np.float32) for i in session.get_inputs() if i.name.startswith("past")}
+    names = [o.name for o in session.get_outputs()]
+    for start, end in [(0, 6), (6, 7), (7, 8), (8, 9)]:
+        mask = np.zeros((2, 16), np.int64)
+        mask[:, :end] = 1
+        feeds = {"input_ids": ids[:, start:end], "attention_mask": mask, "cache_position": np.arange(start, end),
+                 "position_ids": np.tile(np.arange(start, end), (2, 1)), **past}
+        outs = dict(zip(names, session.run(None, feeds)))
+        past = {n.replace("present", "past_key_values"): v for n, v in outs.items() if n.startswith("present")}
+        np.testing.assert_allclose(outs["logits"], ref[:, start:end], atol=1e-5)
+
+
 def test_scores_output_sums_attention(tmp_path):
     model, records = _cached("tiny-llama", scores=True)
     session = _session(model)
@@ -151,6 +172,8 @@ def test_option_errors():
 
     with pytest.raises(PassError, match="max_positions >= 2"):
         instantiate([PassSpec("kv_cache", {"max_positions": 1})])
+    with pytest.raises(PassError, match="static=8000 must be between"):
+        instantiate([PassSpec("kv_cache", {"static": 8000})])
 
 
 def test_cache_capacity_and_layout_errors():
