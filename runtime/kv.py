@@ -1,15 +1,16 @@
 """The KV cache of a cached decoder artifact: its layout, preallocated buffers, and the step call.
 
 An artifact made with the ``kv_cache`` pass reads ``past_key_values.{i}.key|value`` and writes
-``present.{i}.key|value`` (past and new tokens). ``KVCache`` holds two flat buffers per tensor,
-each big enough for ``capacity`` tokens, and ping-pongs between them: step ``t`` reads the past
-from one and ONNX Runtime writes the present straight into the other (IO binding), so decoding
-allocates nothing per step and the host never concatenates. Eviction policies
-(``runtime.kv_policies``) rewrite the kept columns in place.
+``present.{i}.key|value`` (past and new tokens); an int8 cache (``kv_cache:kv=int8``) also has
+``key_scale``/``value_scale`` tensors (one float per head and token). ``KVCache`` holds two flat
+buffers per tensor, each big enough for ``capacity`` tokens, and ping-pongs between them: step
+``t`` reads the past from one and ONNX Runtime writes the present straight into the other (IO
+binding), so decoding allocates nothing per step and the host never concatenates. Eviction
+policies (``runtime.kv_policies``) rewrite the kept columns in place.
 
 Cases: any batch; ``capacity`` fixed when the cache is made (a longer request is refused with a
-clear message); sessions without IO binding (the torch backend) get the same buffers through
-plain ``run`` calls.
+clear message); a static cache (``kv_cache:static=N``) whose buffers are its N slots; sessions
+without IO binding (the torch backend) get the same buffers through plain ``run`` calls.
 """
 
 from __future__ import annotations
@@ -21,35 +22,54 @@ import numpy as np
 
 from runtime.errors import FeedError
 
-_PAST = re.compile(r"past_key_values\.(\d+)\.(key|value)$")
+_PAST = re.compile(r"past_key_values\.(\d+)\.(key|value|key_scale|value_scale)$")
+_ORDER = ("key", "value", "key_scale", "value_scale")
+
+
+@dataclass(frozen=True)
+class Kind:
+    """One cached tensor per layer: its name suffix, per-token width and dtype."""
+
+    suffix: str
+    width: int
+    dtype: np.dtype
 
 
 @dataclass(frozen=True)
 class KVLayout:
-    """Per layer (kv_heads, head_dim), the dtype, and the names of the cache inputs/outputs."""
+    """Per layer the kv_heads and the cached tensors (``kinds``); ``static`` slots or None."""
 
-    layers: list[tuple[int, int]]
-    dtype: np.dtype
+    heads: list[int]
+    kinds: list[Kind]
     static: int | None = None  # slots of a fixed-size cache (kv_cache:static=N), None when it grows
 
     @classmethod
     def of(cls, inputs: list[dict]) -> "KVLayout":
-        found: dict[int, tuple[int, int]] = {}
-        dtype, static = np.dtype(np.float32), None
+        heads: dict[int, int] = {}
+        kinds: dict[str, Kind] = {}
+        static = None
         for spec in inputs:
             match = _PAST.match(spec["name"])
             if match:
                 shape = spec["shape"]
-                found[int(match.group(1))] = (int(shape[1]), int(shape[3]))
-                dtype = np.dtype(spec["dtype"])
+                heads[int(match.group(1))] = int(shape[1])
+                kinds[match.group(2)] = Kind(match.group(2), int(shape[3]), np.dtype(spec["dtype"]))
                 static = shape[2] if isinstance(shape[2], int) else None
-        if not found:
+        if not heads:
             raise FeedError("this artifact has no KV cache (no past_key_values inputs); make it with "
                             "`carve optimize MODEL -o DIR --passes kv_cache` to generate with it.")
-        return cls([found[i] for i in range(len(found))], dtype, static)
+        return cls([heads[i] for i in range(len(heads))], [kinds[k] for k in _ORDER if k in kinds], static)
+
+    @property
+    def layers(self) -> list[tuple[int, int]]:
+        """(kv_heads, head_dim) per layer."""
+        return [(h, self.kinds[0].width) for h in self.heads]
 
     def bytes_per_token(self) -> int:
-        return sum(2 * h * d for h, d in self.layers) * self.dtype.itemsize
+        return sum(h * k.width * k.dtype.itemsize for h in self.heads for k in self.kinds)
+
+    def names(self, layer: int, prefix: str = "past_key_values") -> list[str]:
+        return [f"{prefix}.{layer}.{k.suffix}" for k in self.kinds]
 
 
 def prefill_feeds(inputs: list[dict], feeds: dict) -> dict:
@@ -64,9 +84,9 @@ def prefill_feeds(inputs: list[dict], feeds: dict) -> dict:
     if "position_ids" in names and "position_ids" not in out:
         out["position_ids"] = np.maximum(mask.cumsum(-1) - 1, 0).astype(np.int64)
     layout = KVLayout.of(inputs)
-    for layer, (heads, dim) in enumerate(layout.layers):
-        for word in ("key", "value"):
-            out[f"past_key_values.{layer}.{word}"] = np.zeros((ids.shape[0], heads, 0, dim), layout.dtype)
+    for layer, heads in enumerate(layout.heads):
+        for name, kind in zip(layout.names(layer), layout.kinds):
+            out[name] = np.zeros((ids.shape[0], heads, layout.static or 0, kind.width), kind.dtype)
     return out
 
 
@@ -77,24 +97,25 @@ class KVCache:
         self.layout, self.batch = layout, batch
         self.capacity = layout.static or capacity  # a static cache has exactly its slots
         self.length = 0
-        # zeros, not empty: a static cache attends over unfilled slots (masked, but NaN * 0 is NaN)
-        self._bufs = [[np.zeros(batch * h * self.capacity * d, layout.dtype) for _ in range(4)] for h, d in layout.layers]
-        self._front = 0  # which half of each quad (0: buffers 0/1, 1: buffers 2/3) holds the past
+        # per layer and kind two halves; zeros, not empty: a static cache attends over unfilled
+        # slots (masked, but NaN * 0 is NaN)
+        self._bufs = [[[np.zeros(batch * h * self.capacity * k.width, k.dtype) for _ in range(2)] for k in layout.kinds]
+                      for h in layout.heads]
+        self._front = 0  # which half holds the past
 
-    def shape(self, layer: int, length: int) -> tuple[int, int, int, int]:
-        h, d = self.layout.layers[layer]
-        return (self.batch, h, length, d)
+    def shape(self, layer: int, kind: int, length: int) -> tuple[int, int, int, int]:
+        return (self.batch, self.layout.heads[layer], length, self.layout.kinds[kind].width)
 
     def past(self, layer: int, kind: int) -> np.ndarray:
-        """The past of one layer's key (kind 0) or value (kind 1), as a contiguous view: the filled
-        tokens, or every slot of a static cache."""
-        shape = self.shape(layer, self.layout.static or self.length)
-        return self._bufs[layer][2 * self._front + kind][:int(np.prod(shape))].reshape(shape)
+        """The past of one layer's tensor (index into ``layout.kinds``), as a contiguous view: the
+        filled tokens, or every slot of a static cache."""
+        shape = self.shape(layer, kind, self.layout.static or self.length)
+        return self._bufs[layer][kind][self._front][:int(np.prod(shape))].reshape(shape)
 
     def next_buffer(self, layer: int, kind: int, length: int) -> np.ndarray:
         """Where the present of ``length`` tokens goes (the half that does not hold the past)."""
-        shape = self.shape(layer, self.layout.static or length)
-        return self._bufs[layer][2 * (1 - self._front) + kind][:int(np.prod(shape))].reshape(shape)
+        shape = self.shape(layer, kind, self.layout.static or length)
+        return self._bufs[layer][kind][1 - self._front][:int(np.prod(shape))].reshape(shape)
 
     def require_growing(self, what: str) -> None:
         if self.layout.static:
@@ -113,32 +134,33 @@ class KVCache:
     def keep(self, columns: np.ndarray | list[np.ndarray]) -> None:
         """Keep only these token columns (per layer when a list), in order: eviction."""
         self.require_growing("KV eviction")
-        per_layer = columns if isinstance(columns, list) else [columns] * len(self.layout.layers)
+        per_layer = columns if isinstance(columns, list) else [columns] * len(self.layout.heads)
         lengths = {len(c) for c in per_layer}
         if len(lengths) != 1:
             raise ValueError("every layer must keep the same number of tokens (the graph shares one mask)")
         new_length = lengths.pop()
         for layer, cols in enumerate(per_layer):
-            for kind in (0, 1):
+            for kind in range(len(self.layout.kinds)):
                 kept = np.take(self.past(layer, kind), cols, axis=2)
                 self.next_buffer(layer, kind, new_length)[...] = kept
         self.advance(new_length)
 
-    def load(self, arrays: list[tuple[np.ndarray, np.ndarray]]) -> None:
-        """Fill the cache from per-layer (key, value) arrays of the same batch (a prefix hit)."""
+    def load(self, arrays: list[tuple[np.ndarray, ...]]) -> None:
+        """Fill the cache from per-layer arrays (one per kind) of the same batch (a prefix hit)."""
         self.require_growing("the prefix cache")
         length = arrays[0][0].shape[2]
         self.length = 0
         self.check_room(length)
-        for layer, pair in enumerate(arrays):
-            for kind in (0, 1):
-                self.next_buffer(layer, kind, length)[...] = pair[kind]
+        for layer, tensors in enumerate(arrays):
+            for kind, array in enumerate(tensors):
+                self.next_buffer(layer, kind, length)[...] = array
         self.advance(length)
 
-    def snapshot(self, length: int | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Copies of the first ``length`` cached tokens of every layer."""
+    def snapshot(self, length: int | None = None) -> list[tuple[np.ndarray, ...]]:
+        """Copies of the first ``length`` cached tokens of every layer (one array per kind)."""
         n = self.length if length is None else length
-        return [(self.past(i, 0)[:, :, :n].copy(), self.past(i, 1)[:, :, :n].copy()) for i in range(len(self.layout.layers))]
+        return [tuple(self.past(i, k)[:, :, :n].copy() for k in range(len(self.layout.kinds)))
+                for i in range(len(self.layout.heads))]
 
     def nbytes(self) -> int:
         return self.length * self.batch * self.layout.bytes_per_token()

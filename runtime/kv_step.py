@@ -46,22 +46,24 @@ class Stepper:
             io.bind_cpu_input(name, np.ascontiguousarray(array))
         for name in [self.logits] + self.extra:  # bound first: copy_outputs_to_cpu follows binding order
             io.bind_output(name, "cpu")
-        dtype = self.cache.layout.dtype
-        for layer in range(len(self.cache.layout.layers)):
-            for kind, word in enumerate(("key", "value")):
-                io.bind_cpu_input(f"past_key_values.{layer}.{word}", self.cache.past(layer, kind))
+        layout = self.cache.layout
+        for layer in range(len(layout.heads)):
+            pairs = zip(layout.names(layer), layout.names(layer, "present"), layout.kinds)
+            for kind, (past, present, spec) in enumerate(pairs):
+                io.bind_cpu_input(past, self.cache.past(layer, kind))
                 out = self.cache.next_buffer(layer, kind, total)
-                io.bind_output(f"present.{layer}.{word}", "cpu", 0, dtype, list(out.shape), out.ctypes.data)
+                io.bind_output(present, "cpu", 0, spec.dtype, list(out.shape), out.ctypes.data)
         self.ort.run_with_iobinding(io)
         values = io.copy_outputs_to_cpu()
         return values[0], dict(zip(self.extra, values[1:1 + len(self.extra)]))
 
     def _plain(self, feeds: dict, total: int) -> tuple[np.ndarray, dict]:
-        for layer in range(len(self.cache.layout.layers)):
-            for kind, word in enumerate(("key", "value")):
-                feeds[f"past_key_values.{layer}.{word}"] = self.cache.past(layer, kind)
+        layout = self.cache.layout
+        for layer in range(len(layout.heads)):
+            for kind, name in enumerate(layout.names(layer)):
+                feeds[name] = self.cache.past(layer, kind)
         outs = self.session.run(feeds)
-        for layer in range(len(self.cache.layout.layers)):
-            for kind, word in enumerate(("key", "value")):
-                self.cache.next_buffer(layer, kind, total)[...] = outs[f"present.{layer}.{word}"]
+        for layer in range(len(layout.heads)):
+            for kind, name in enumerate(layout.names(layer, "present")):
+                self.cache.next_buffer(layer, kind, total)[...] = outs[name]
         return np.asarray(outs[self.logits]), {n: np.asarray(outs[n]) for n in self.extra}

@@ -24,7 +24,7 @@ from runtime.kv import KVCache
 class PrefixCache:
     def __init__(self, block: int = 16, max_bytes: int = 1 << 30):
         self.block, self.max_bytes = block, max_bytes
-        self._entries: OrderedDict[int, list[tuple[np.ndarray, np.ndarray]]] = OrderedDict()
+        self._entries: OrderedDict[int, list[tuple[np.ndarray, ...]]] = OrderedDict()
         self._keys: dict[bytes, tuple[int, int]] = {}  # prefix hash -> (entry id, tokens)
         self._next = 0
         self.hits = 0
@@ -46,7 +46,7 @@ class PrefixCache:
             return 0
         entry, tokens = best
         self._entries.move_to_end(entry)
-        cache.load([(k[:, :, :tokens], v[:, :, :tokens]) for k, v in self._entries[entry]])
+        cache.load([tuple(a[:, :, :tokens] for a in tensors) for tensors in self._entries[entry]])
         self.hits += 1
         return tokens
 
@@ -62,7 +62,7 @@ class PrefixCache:
         self._trim()
 
     def nbytes(self) -> int:
-        return sum(k.nbytes + v.nbytes for layers in self._entries.values() for k, v in layers)
+        return sum(a.nbytes for layers in self._entries.values() for tensors in layers for a in tensors)
 
     def _trim(self) -> None:
         while len(self._entries) > 1 and self.nbytes() > self.max_bytes:

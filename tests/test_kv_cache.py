@@ -15,7 +15,7 @@ from optimizer.progress import Progress
 from optimizer.specs import PassSpec
 from optimizer.trace_cache import cached_trace
 from runtime.errors import FeedError, PassError
-from runtime.kv import KVCache, KVLayout
+from runtime.kv import Kind, KVCache, KVLayout
 
 
 def _plain(name: str) -> ir.Model:
@@ -177,7 +177,7 @@ def test_option_errors():
 
 
 def test_cache_capacity_and_layout_errors():
-    layout = KVLayout([(2, 16)], np.dtype(np.float32))
+    layout = KVLayout([2], [Kind("key", 16, np.dtype(np.float32)), Kind("value", 16, np.dtype(np.float32))])
     cache = KVCache(layout, batch=1, capacity=4)
     with pytest.raises(FeedError, match="cache holds 4"):
         cache.check_room(5)
