@@ -14,7 +14,7 @@ one batch would pass ``max_bytes``, they are fetched in several passes). Statist
 the last axis as channels and over real tokens only: rows whose ``attention_mask`` is 0 are
 left out when the value's leading axes are ``[batch, sequence]`` or their product.
 Feeds are checked against the model's inputs first; a wrong name, dtype or rank is a
-``PassError`` naming the input. ``run_values(model, names, feeds)`` yields the values whole,
+``PassError`` naming the input. ``gram=`` names values whose x^T x is also summed (for GPTQ). ``run_values(model, names, feeds)`` yields the values whole,
 batch by batch, for statistics that keep more axes than the channels.
 """
 
@@ -76,6 +76,7 @@ class TensorStats:
     channel_abssum: np.ndarray | None = None
     histogram: Histogram = field(default_factory=Histogram)
     sample: np.ndarray | None = None  # rows kept for error measurements (``keep_rows``)
+    gram: np.ndarray | None = None  # sum of x^T x over all rows (``gram=`` names), float32
 
     @property
     def absmax(self) -> float:
@@ -106,6 +107,11 @@ class TensorStats:
         if keep > 0:
             picked = rows[np.linspace(0, len(rows) - 1, min(keep, len(rows))).astype(np.int64)]
             self.sample = picked if self.sample is None else np.concatenate([self.sample, picked])
+
+    def add_gram(self, rows: np.ndarray) -> None:
+        """Accumulate x^T x (the second moment second-order methods such as GPTQ need)."""
+        product = (rows.T.astype(np.float64) @ rows.astype(np.float64)).astype(np.float32)
+        self.gram = product if self.gram is None else self.gram + product
 
 
 def zero_channels(stats: TensorStats, channels: np.ndarray) -> TensorStats:
@@ -218,7 +224,7 @@ def _check_array(name: str, array: np.ndarray, value: ir.Value) -> None:
 
 def collect(model: ir.Model, names: Sequence[str], batches: Iterable[dict[str, np.ndarray]],
             progress: Progress | None = None, keep_rows: int = 0,
-            max_bytes: int = 1 << 30) -> dict[str, TensorStats]:
+            max_bytes: int = 1 << 30, gram: Sequence[str] = ()) -> dict[str, TensorStats]:
     """Statistics of the values ``names`` of ``model`` over ``batches`` (see module docstring)."""
     batches, names = list(batches), list(dict.fromkeys(names))
     check_calibration_feeds(model, batches)
@@ -233,7 +239,10 @@ def collect(model: ir.Model, names: Sequence[str], batches: Iterable[dict[str, n
             for feeds in batches:
                 mask = feeds.get("attention_mask")
                 for name, array in zip(group, run(feeds)):
-                    stats[name].update(_rows(array, mask), keep)
+                    rows = _rows(array, mask)
+                    stats[name].update(rows, keep)
+                    if name in gram:
+                        stats[name].add_gram(rows)
     return stats
 
 

@@ -64,7 +64,8 @@ W8_MIN_GAIN = 0.2
 @register
 class Quantize(Pass):
     name = "quantize"
-    summary = "int8 MatMul weights per channel; dynamic, weight-only or static int8 activations (lossy)"
+    summary = ("int8/int4 MatMul weights (per channel or block-wise) and embedding tables; dynamic, weight-only "
+               "or static int8 activations; budget-driven mixed precision; KV-cache scales (lossy)")
     exact = False
 
     @dataclass
@@ -82,6 +83,7 @@ class Quantize(Pass):
         embed: str = "auto"  # embedding tables: auto, float, 8, 4 (auto: the weight-only modes' bits)
         kv: str = "none"  # KV-cache scales to compute: none, int8, fp8
         budget: float | None = None  # keep the most sensitive blocks float within this degradation
+        gptq: bool = False  # w8/w4: GPTQ error compensation from the calibration Hessian
 
         def validate(self) -> None:
             if self.mode not in MODES:
@@ -112,7 +114,8 @@ class Quantize(Pass):
         tables = extras.Tables.find(model, model_map, opts, fmt)
         notes += tables.notes + extras.lift_opset(model, fmt, tables.fmt)
         groups = _groups(sites)
-        stats, calib_note, batches = statistics(model, ctx, opts, [x.name for x, _ in groups] + tables.head_inputs())
+        stats, calib_note, batches = statistics(model, ctx, opts, [x.name for x, _ in groups] + tables.head_inputs(),
+                                                 gram=[x.name for x, _ in groups] if opts.gptq else [])
         kv = extras.kv_scales(model, model_map, batches, opts.kv)
         splits = _split_outliers(model.graph, groups, sites, stats, opts)
         # Plan every group before changing weights: a smoothing factor may fold into the columns
@@ -123,7 +126,7 @@ class Quantize(Pass):
             if plan.factors is not None:
                 plan.how = scaled_input(model.graph, plan.x, plan.sites, plan.factors, upstream)
         for plan in plans:
-            plan.quantized = [_quantized(site, plan, opts, fmt) for site in plan.sites]
+            plan.quantized = _quantize_group(plan, opts, fmt)
         tables.prepare(stats, clip_on(opts, tables.fmt))
         float_blocks, budget = extras.budget(model, plans, tables, batches, opts, ctx)
         records = [_apply(model.graph, plan, opts, fmt, float_blocks) for plan in plans]
@@ -218,6 +221,21 @@ def _plan(x: ir.Value, sites: list[Site], stats, opts, fmt) -> _Plan:
 
 def scaled_weight(site: Site, plan: _Plan) -> np.ndarray:
     return site.weight if plan.factors is None else site.weight * plan.factors[:, None]
+
+
+def _quantize_group(plan: _Plan, opts, fmt) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(q, scale) per site: GPTQ on the group's joint weight when asked and possible, else each alone."""
+    gram = getattr(plan.stats, "gram", None)
+    if not (opts.gptq and fmt is not None and opts.per_channel and gram is not None):
+        return [_quantized(site, plan, opts, fmt) for site in plan.sites]
+    from passes.quantize_gptq import gptq
+
+    if plan.factors is not None:  # the sites read x / s
+        gram = gram / np.outer(plan.factors, plan.factors)
+    joint = np.concatenate([scaled_weight(site, plan) for site in plan.sites], axis=1)
+    q, scale = gptq(joint, gram, fmt, clip_on(opts, fmt))
+    edges = np.cumsum([0] + [site.weight.shape[1] for site in plan.sites])
+    return [(q[:, a:b], scale[..., a:b]) for a, b in zip(edges[:-1], edges[1:])]
 
 
 def _quantized(site: Site, plan: _Plan, opts, fmt) -> tuple[np.ndarray, np.ndarray]:

@@ -29,11 +29,11 @@ def clip_on(opts, fmt) -> bool:
     return fmt is not None and (opts.clip if opts.clip is not None else fmt.bits == 4)
 
 
-def statistics(model: ir.Model, ctx: PassContext, opts, names: list[str]):
+def statistics(model: ir.Model, ctx: PassContext, opts, names: list[str], gram: list[str] = ()):
     """(statistics by value name, note, calibration batches or None)."""
     weight_only = opts.mode in wonly.BITS
     aids = opts.smooth or (opts.outliers and not weight_only) or (weight_only and clip_on(opts, wonly.weight_format(opts)))
-    must = opts.mode == "w8a8" or opts.budget is not None or opts.kv != "none"
+    must = opts.mode == "w8a8" or opts.budget is not None or opts.kv != "none" or opts.gptq
     if not must and (opts.calib == "none" or not aids):
         return {}, "no calibration (smoothing and clipping off)", None
     from optimizer.calibrate import collect
@@ -41,9 +41,9 @@ def statistics(model: ir.Model, ctx: PassContext, opts, names: list[str]):
     if opts.calib == "auto" and not must and getattr(ctx, "calibration", None) is None and not ctx.example_feeds:
         return {}, "no calibration data (no example inputs): smoothing and float outlier channels off", None
     if opts.calib == "none":
-        raise PassError("budget= and kv= measure on calibration data; drop calib=none.")
+        raise PassError("budget=, kv= and gptq= need calibration data; drop calib=none.")
     batches, where = _calibration(ctx, opts)
-    stats = collect(model, names, batches, progress=ctx.progress, keep_rows=SAMPLE_ROWS)
+    stats = collect(model, names, batches, progress=ctx.progress, keep_rows=SAMPLE_ROWS, gram=gram)
     return stats, f"calibration: {where}", batches
 
 

@@ -1,6 +1,6 @@
 """The quantize pass's steps beyond the matmul sites, in the order the pass runs them.
 
-- ``validate``: the options ``embed``, ``kv`` and ``budget``;
+- ``validate``: the options ``embed``, ``kv``, ``budget`` and ``gptq``;
 - ``Tables``: embedding tables found, quantized and written (``passes.quantize_embed``);
 - ``lift_opset``: opset 21 when int4 or block-wise weights or tables need it
   (``passes.quantize_wonly.ensure_opset``);
@@ -27,6 +27,8 @@ def validate(opts) -> None:
     quantize_kv.check_kv(opts.kv)
     if opts.budget is not None and opts.budget <= 0:
         raise PassError(f"quantize needs budget > 0 (the allowed degradation), got {opts.budget}.")
+    if opts.gptq and opts.mode not in ("w8", "w4"):
+        raise PassError(f"gptq applies to the weight-only modes w8 and w4; drop it for mode {opts.mode}.")
     if opts.budget is not None and opts.mode not in ("w8", "w4"):
         raise PassError(f"budget= applies to the weight-only modes w8 and w4 (it simulates weights only); "
                         f"drop it for mode {opts.mode}.")
