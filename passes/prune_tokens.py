@@ -74,6 +74,7 @@ class PruneTokens(Pass):
         protect_ids: tuple[int, ...] = ()  # token ids always kept (e.g. [SEP])
         restore: Literal["auto", "always", "never"] = "auto"
         fill: Literal["nearest", "last"] = "nearest"  # what restored dropped tokens hold
+        proportional: bool = False  # log(tokens represented) added to later attention scores
 
         def validate(self) -> None:
             plan.validate(self)

@@ -18,8 +18,8 @@ import onnx_ir as ir
 
 from passes import prune_tokens_plan as plan
 from passes.prune_tokens_ops import Ops
-from passes.prune_tokens_restore import (nearest_kept, needs_restore, reroute_readers, scatter_back,
-                                         take_representatives)
+from passes.prune_tokens_restore import (nearest_kept, needs_restore, proportional_attention, represented,
+                                         reroute_readers, scatter_back, take_representatives)
 from passes.prune_tokens_side import Region, TokenDim, downstream, reroute, retag
 from passes.prune_tokens_stage import FRAME_INPUT, FRAME_OUTPUT, base_positions, frame_io, prune_stage
 from runtime.errors import PassError
@@ -96,8 +96,12 @@ def build_prune(model: ir.Model, model_map: Any, opts: Any) -> dict[str, Any]:
         kept.stream.shape = ir.Shape([stage.gather.shape[0], dim.dim(), stage.gather.shape[2]])
         if i > 0:
             steps.append((positions, stage.gather))  # the tokens this stage drops keep these values
-        if opts.fill == "nearest":
+        if opts.fill == "nearest" or opts.proportional:
             token_map = ops.op("GatherElements", nearest_kept(ops, stage.gather, kept.stream), token_map, axis=1)
+        if opts.proportional:
+            size = represented(ops, token_map, _weights(ops, tokens), kept.relative)
+            end = stages[i + 1].block if i + 1 < len(stages) else len(model_map.blocks)
+            proportional_attention(ops, model_map, {b: size for b in range(stage.block, end)})
         positions, previous_dim, previous_nodes = kept.positions, dim, {id(n) for n in nodes}
         records.append(_record(model_map, stage, kept.static, opts, rewritten) | {"indices": kept.relative.name})
     if restore and opts.fill == "nearest":
@@ -109,6 +113,13 @@ def build_prune(model: ir.Model, model_map: Any, opts: Any) -> dict[str, Any]:
     details = _details(opts, records, restore, why, tokens)
     details["tokens_per_block"] = _ratios(stages, len(model_map.blocks), opts)
     return details
+
+
+def _weights(ops: Ops, tokens) -> ir.Value:
+    """Each original token's weight in a count: 1, or 0 for padding."""
+    if tokens.mask is not None:
+        return ops.op("Cast", tokens.mask, to=ir.DataType.FLOAT)
+    return ops.op("Cast", ops.op("GreaterOrEqual", base_positions(ops, tokens.first), ops.i64(0)), to=ir.DataType.FLOAT)
 
 
 def _record(model_map: Any, stage, static: int | None, opts: Any, rewritten: int) -> dict[str, Any]:
@@ -133,6 +144,7 @@ def _details(opts: Any, records: list, restore: bool, why: str, tokens) -> dict[
         "static_shapes": opts.threshold is None and tokens.n is not None,
         "padding": tokens.mask.name if tokens.mask is not None else None,
         "protected": {"leading": opts.protect, "ids": list(opts.protect_ids)},
+        "fill": opts.fill if restore else None, "proportional_attention": opts.proportional,
     }
     if opts.mode in ("attention", "pagerank"):
         details["source"] = tokens.source if opts.mode == "attention" else "pagerank"

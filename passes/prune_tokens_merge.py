@@ -27,7 +27,7 @@ import onnx_ir as ir
 from passes import prune_tokens_plan as plan
 from passes.prune_tokens_build import kept_dim, regions, taken_names, values_by_name
 from passes.prune_tokens_ops import Ops, gather_tokens
-from passes.prune_tokens_restore import reroute_readers
+from passes.prune_tokens_restore import proportional_attention, reroute_readers
 from passes.prune_tokens_scores import BIG, sort_ascending
 from passes.prune_tokens_side import Region, reroute, retag
 from passes.prune_tokens_stage import base_positions
@@ -73,7 +73,7 @@ def merge_blocks(model: ir.Model, model_map: Any, opts: Any) -> dict[str, Any]:
         previous_dim, previous_nodes = dim, {id(node) for node in nodes}
         records.append({"block": block.index, "name": block.name, "merged": r,
                         "tokens": n if n is not None else f"N - {opts.r * (i + 1)}", "side_values_rewritten": rewritten})
-    _proportional_attention(ops, model_map, values, sizes)
+    proportional_attention(ops, model_map, {i + 1: size for i, size in sizes.items() if i + 1 < len(model_map.blocks)})
     full = ops.op("GatherND", last, ops.op("Unsqueeze", token_map, ops.i64(-1)), batch_dims=1)
     reroute_readers(graph, last, full, readers, last_shape)
     return {"mode": "merge", "r": opts.r, "stages": records, "restored": True,
@@ -153,21 +153,6 @@ def _new_index(ops: Ops, positions, stay, src, dst, stay_count, nb) -> ir.Value:
     even, odd = _halves(ops, slots)
     index = ops.op("ScatterElements", ops.op("Mul", slots, ops.i64(0)), even, a_index, axis=1)
     return ops.op("ScatterElements", index, odd, b_index, axis=1)
-
-
-def _proportional_attention(ops: Ops, model_map: Any, values: dict[str, ir.Value], sizes: dict[int, ir.Value]) -> None:
-    """Add log(size) of the keys to the scores of every block after a merge."""
-    nodes = {n.name: n for n in ops.graph}
-    for index, size in sizes.items():
-        if index + 1 >= len(model_map.blocks):
-            continue
-        site = model_map.blocks[index + 1].attention
-        softmax = nodes.get(site.softmax_node) if site is not None and site.softmax_node else None
-        if softmax is None:
-            raise PassError(f"prune_tokens mode=merge adds log(size) to attention scores, but block {index + 1} has no "
-                            "Softmax (fused attention); use another mode.")
-        bias = ops.op("Unsqueeze", ops.op("Log", ops.op("Max", size, ops.f32(1e-30))), ops.i64(1, 2))
-        softmax.replace_input_with(0, ops.op("Add", softmax.inputs[0], bias))
 
 
 def _counts(model_map: Any, records: list[dict], n: int | None) -> list[tuple[float, float]]:

@@ -17,9 +17,12 @@ output keeps its name and shape.
 
 from __future__ import annotations
 
+from typing import Any
+
 import onnx_ir as ir
 
 from passes.prune_tokens_ops import Ops, scatter_tokens
+from runtime.errors import PassError
 
 _PER_TOKEN = {
     "Add", "Sub", "Mul", "Div", "Pow", "Sqrt", "Reciprocal", "Cast", "Identity", "Neg", "Abs",
@@ -115,3 +118,23 @@ def reroute_readers(graph: ir.Graph, old: ir.Value, new: ir.Value, readers: list
         for i, value in enumerate(graph.outputs):
             if value is old:
                 graph.outputs[i] = new
+
+
+def proportional_attention(ops: Ops, model_map: Any, sizes: dict[int, ir.Value]) -> None:
+    """Add ``log(size)`` of the keys to the attention scores of each block in ``sizes`` (ToMe's
+    proportional attention: a token standing for several draws their share of attention)."""
+    nodes = {n.name: n for n in ops.graph}
+    for index, size in sizes.items():
+        site = model_map.blocks[index].attention
+        softmax = nodes.get(site.softmax_node) if site is not None and site.softmax_node else None
+        if softmax is None:
+            raise PassError(f"prune_tokens adds log(size) to the attention scores of block {index}, which has no "
+                            "Softmax (fused attention); use fill=last (no proportional attention) or another mode.")
+        bias = ops.op("Unsqueeze", ops.op("Log", ops.op("Max", size, ops.f32(1e-30))), ops.i64(1, 2))
+        softmax.replace_input_with(0, ops.op("Add", softmax.inputs[0], bias))
+
+
+def represented(ops: Ops, token_map: ir.Value, weights: ir.Value, kept: ir.Value) -> ir.Value:
+    """``[batch, K]``: how many original tokens (weighted: padding 0) each kept token stands for."""
+    zeros = ops.op("Mul", ops.op("Cast", kept, to=ir.DataType.FLOAT), ops.f32(0.0))
+    return ops.op("ScatterElements", zeros, token_map, weights, axis=1, reduction="add")
