@@ -51,6 +51,13 @@ class TorchSession:
         return [f"torch:{self.device}"]
 
     def run(self, feeds: Mapping[str, Any], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
+        """Like the ONNX Runtime session: a cached decoder given no cache prefills, a feature-cache
+        artifact given no state recomputes (``runtime.kv.prefill_feeds``, ``runtime.stream``)."""
+        from runtime.kv import prefill_feeds
+        from runtime.stream import stateless_feeds
+
+        if all(isinstance(v, np.ndarray) for v in feeds.values()):
+            feeds = stateless_feeds(self.inputs, prefill_feeds(self.inputs, dict(feeds)))
         values = self.run_torch(feeds, outputs)
         return {name: value.detach().cpu().numpy() for name, value in values.items()}
 

@@ -302,3 +302,29 @@ def test_cli_optimize_and_run_with_the_torch_target(tmp_path, capsys):
     assert "cls_embedding: float32 [2, 64]" in capsys.readouterr().out
     assert main(["run", str(tmp_path / "vit"), "--input", f"pixel_values={tmp_path / 'px.npy'}", "--device", "quantum"]) == 2
     assert "'quantum' is not a torch device" in capsys.readouterr().err
+
+
+def test_feature_cache_stream_equals_ort(tmp_path):
+    """The feature_cache pass's If runs as a submodule; a stream reuses and recomputes as ORT does."""
+    from runtime.stream import StreamSession
+
+    arts = {t: optimize("tiny-vit", passes=["feature_cache:threshold=0.05"], target=t, output=tmp_path / t)
+            for t in ("ort-cpu", "torch")}
+    streams = {t: StreamSession(runtime.load(a.path)) for t, a in arts.items()}
+    frame = _feeds("tiny-vit", 2, 0)["pixel_values"]
+    for step in range(4):  # the first call computes; near-identical frames reuse
+        feeds = {"pixel_values": frame + np.float32(1e-4 * step)}
+        _assert_close(streams["ort-cpu"].run(feeds), streams["torch"].run(feeds))
+    assert streams["torch"].recomputed == streams["ort-cpu"].recomputed < 4
+
+
+@pytest.mark.parametrize("mode", ["attention", "diverse"])
+def test_pruned_tokens_equal_ort(mode, tmp_path):
+    """prune_tokens' gathers (GatherND with batch dims) and, for diverse, its Loop run as ORT runs them."""
+    art = optimize("tiny-vit", passes=[f"prune_tokens:mode={mode},keep=0.5"], target="torch", output=tmp_path / mode)
+    ops = collections.Counter(n.op_type for n in ir.load(art.path / "model.onnx").graph)
+    assert ops["GatherND"] + ops["GatherElements"] > 0 and (mode != "diverse" or ops["Loop"] > 0)
+    reference, session = _ort(art.path / "model.onnx"), runtime.load(art.path)
+    for batch in (1, 3):
+        feeds = _feeds("tiny-vit", batch, 0)
+        _assert_close(reference(feeds), session.run(feeds))

@@ -80,6 +80,9 @@ CASES = [
     ("Shape", {"x": F32}, {}, {"start": 1, "end": -1}),
     ("ConstantOfShape", {}, {"s": _i64(2, 3)}, {"value": numpy_helper.from_array(np.array([7], np.int64))}),
     ("GatherND", {"x": F32}, {"i": _i64(1, 2, 0, 0).reshape(2, 2)}, {}),
+    ("GatherND", {"x": F32}, {"i": RNG.integers(-3, 3, (2, 3, 2, 2)).astype(np.int64)}, {"batch_dims": 2}),
+    ("GatherND", {"x": F32[:, :, 0]}, {"i": np.array([1, 2, 0, 2, -1, 1], np.int64).reshape(2, 3, 1)},
+     {"batch_dims": 1}),
     ("Tile", {"x": F32}, {"r": _i64(1, 2, 1, 3)}, {}),
     ("Gemm", {"a": F32[0, 0]}, {"b": F32[1, 0], "c": F32[0, 1, 0, :4]}, {"transB": 1, "alpha": 0.5, "beta": 2.0}),
     ("Einsum", {"a": F32[0], "b": F32[1]}, {}, {"equation": "ijk,ilk->ijl"}),
@@ -118,6 +121,45 @@ def test_multi_output_operators_match_onnxruntime():
         want, got = _run_both(op, inputs, consts, attrs, outputs=n)
         for w, g in zip(want, got):
             np.testing.assert_allclose(g.astype(np.float64), w.astype(np.float64), rtol=1e-6, atol=1e-6)
+
+
+def _subgraph(name: str, inputs: list, outputs: list, nodes: list):
+    return helper.make_graph(nodes, name, [helper.make_tensor_value_info(n, t, s) for n, t, s in inputs],
+                             [helper.make_tensor_value_info(n, t, s) for n, t, s in outputs])
+
+
+def _run_graph(nodes, inputs: dict, outputs: list[str], consts: dict | None = None):
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info(k, _TYPES[v.dtype.type], v.shape) for k, v in inputs.items()],
+        [helper.make_empty_tensor_value_info(o) for o in outputs],
+        [numpy_helper.from_array(v, k) for k, v in (consts or {}).items()])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+    want = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, inputs)
+    with torch.inference_mode():
+        got = build_graph_module(ir.from_proto(proto))(*[torch.from_numpy(v) for v in inputs.values()])
+    for w, g in zip(want, got):
+        np.testing.assert_allclose(g.numpy(), w, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("flag", [True, False])
+def test_if_runs_the_branch_the_condition_picks(flag):
+    """Both branches read an outer value (x) and an outer constant (k), as ONNX subgraphs may."""
+    then = _subgraph("then", [], [("t", TensorProto.FLOAT, None)], [helper.make_node("Mul", ["x", "k"], ["t"])])
+    other = _subgraph("else", [], [("e", TensorProto.FLOAT, None)], [helper.make_node("Neg", ["x"], ["e"])])
+    node = helper.make_node("If", ["c"], ["y"], then_branch=then, else_branch=other)
+    _run_graph([node], {"c": np.array(flag), "x": F32}, ["y"], {"k": np.array(3.0, np.float32)})
+
+
+def test_loop_carries_state_and_stacks_scan_outputs():
+    body = _subgraph("body", [("i", TensorProto.INT64, []), ("cond", TensorProto.BOOL, []), ("acc", TensorProto.FLOAT, None)],
+                     [("cond_out", TensorProto.BOOL, []), ("acc_out", TensorProto.FLOAT, None), ("scan", TensorProto.FLOAT, None)],
+                     [helper.make_node("Identity", ["cond"], ["cond_out"]),
+                      helper.make_node("Add", ["acc", "x"], ["acc_out"]),
+                      helper.make_node("Cast", ["i"], ["i_f"], to=TensorProto.FLOAT),
+                      helper.make_node("Mul", ["acc_out", "i_f"], ["scan"])])
+    node = helper.make_node("Loop", ["m", "go", "a0"], ["a_final", "scans"], body=body)
+    _run_graph([node], {"x": F32[0, 0]}, ["a_final", "scans"],
+               {"m": np.array(4, np.int64), "go": np.array(True), "a0": np.zeros((4, 5), np.float32)})
 
 
 def test_unknown_operator_is_named_with_its_node():

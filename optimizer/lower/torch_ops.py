@@ -191,11 +191,14 @@ def gather_elements(x, indices, *, axis=0):
 
 def gather_nd(x, indices, *, batch_dims=0):
     x, indices = align(x, indices)
-    if batch_dims:
-        raise ValueError("GatherND with batch_dims > 0 is not supported by the torch lowering")
-    depth = indices.shape[-1]
-    index = tuple(_positive(indices[..., i], x.shape[i]) for i in range(depth))
-    return x[index]
+    lead = x.shape[:batch_dims]
+    x = x.reshape(-1, *x.shape[batch_dims:])  # the batch dims as one leading axis (a single 1 when none)
+    indices = indices.reshape(-1, *indices.shape[batch_dims:])
+    n, depth = x.shape[0], indices.shape[-1]
+    rows = torch.arange(n, device=x.device).reshape(n, *[1] * (indices.dim() - 2)).expand(indices.shape[:-1])
+    index = (rows,) + tuple(_positive(indices[..., i], x.shape[1 + i]) for i in range(depth))
+    out = x[index]
+    return out.reshape(*lead, *out.shape[1:]) if batch_dims else out[0]
 
 
 def scatter_nd(x, indices, updates, *, reduction="none"):

@@ -126,12 +126,12 @@ SHAPE_INPUTS = {
 }
 
 
-def shape_values(model: ir.Model) -> dict[int, int]:
-    """id(value) -> rank (0 or 1) for every value the module computes as Python ints."""
+def shape_values(graph: ir.Graph) -> dict[int, int]:
+    """id(value) -> rank (0 or 1) for every value of ``graph`` the module computes as Python ints."""
     ranks: dict[int, int] = {}
-    for value in model.graph.initializers.values():
+    for value in graph.initializers.values():
         _constant(value, value.const_value, ranks)
-    for node in model.graph:
+    for node in graph:
         if node.op_type == "Constant" and "value" in node.attributes:
             _constant(node.outputs[0], node.attributes["value"].value, ranks)
             continue
