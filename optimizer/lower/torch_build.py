@@ -15,11 +15,11 @@ from typing import Any
 import onnx_ir as ir
 import torch
 
-from optimizer.lower import torch_control, torch_ops, torch_ops_nn, torch_ops_quant, torch_shapes
+from optimizer.lower import torch_control, torch_ops, torch_ops_index, torch_ops_nn, torch_ops_quant, torch_shapes
 from optimizer.lower.torch_dtypes import to_torch
 from runtime.errors import PassError
 
-OPS = {**torch_ops.OPS, **torch_ops_nn.OPS, **torch_ops_quant.OPS}
+OPS = {**torch_ops.OPS, **torch_ops_index.OPS, **torch_ops_nn.OPS, **torch_ops_quant.OPS}
 MULTI_OUTPUT = torch_ops.MULTI_OUTPUT | torch_ops_nn.MULTI_OUTPUT | torch_ops_quant.MULTI_OUTPUT
 VALIDATORS = torch_ops_nn.VALIDATORS
 

@@ -3,7 +3,7 @@
 Every function takes the node's inputs positionally (``None`` for an omitted optional input)
 and its attributes as keywords with the ONNX defaults, and returns a tensor (or a tuple for
 operators registered with several outputs). ``OPS`` maps ONNX op types (default domain) to
-them; ``optimizer.lower.torch_ops_nn`` and ``torch_ops_quant`` add the rest.
+them; ``torch_ops_index``, ``torch_ops_nn`` and ``torch_ops_quant`` add the rest.
 
 Shapes are computed at run time, so one module serves every batch and sequence length.
 Shape arithmetic runs on Python ints (``optimizer.lower.torch_shapes``); inputs that ONNX
@@ -172,52 +172,10 @@ def slice_(x, starts, ends, axes=None, steps=None):
     return x
 
 
-def _positive(indices, size):
-    return torch.where(indices < 0, indices + size, indices)
 
 
-def gather(x, indices, *, axis=0):
-    x, indices = align(x, indices)
-    axis %= x.dim()
-    flat = _positive(indices.reshape(-1), x.shape[axis])
-    out = x.index_select(axis, flat)
-    return out.reshape(*x.shape[:axis], *indices.shape, *x.shape[axis + 1:])
 
 
-def gather_elements(x, indices, *, axis=0):
-    x, indices = align(x, indices)
-    return torch.gather(x, axis, _positive(indices, x.shape[axis]))
-
-
-def gather_nd(x, indices, *, batch_dims=0):
-    x, indices = align(x, indices)
-    lead = x.shape[:batch_dims]
-    x = x.reshape(-1, *x.shape[batch_dims:])  # the batch dims as one leading axis (a single 1 when none)
-    indices = indices.reshape(-1, *indices.shape[batch_dims:])
-    n, depth = x.shape[0], indices.shape[-1]
-    rows = torch.arange(n, device=x.device).reshape(n, *[1] * (indices.dim() - 2)).expand(indices.shape[:-1])
-    index = (rows,) + tuple(_positive(indices[..., i], x.shape[1 + i]) for i in range(depth))
-    out = x[index]
-    return out.reshape(*lead, *out.shape[1:]) if batch_dims else out[0]
-
-
-def scatter_nd(x, indices, updates, *, reduction="none"):
-    x, indices, updates = align(x, indices, updates)
-    out = x.clone()
-    index = tuple(indices[..., i] for i in range(indices.shape[-1]))
-    if reduction == "add":
-        out.index_put_(index, updates, accumulate=True)
-    else:
-        out[index] = updates
-    return out
-
-
-def scatter_elements(x, indices, updates, *, axis=0, reduction="none"):
-    x, indices, updates = align(x, indices, updates)
-    indices = _positive(indices, x.shape[axis])
-    if reduction == "none":
-        return x.scatter(axis, indices, updates)
-    return x.scatter_reduce(axis, indices, updates, reduce={"add": "sum", "mul": "prod"}.get(reduction, reduction))
 
 
 def tile(x, repeats):
@@ -266,16 +224,6 @@ def pad(x, pads, value=None, axes=None, *, mode="constant"):
     return torch.nn.functional.pad(x, torch_pads, mode=mode)
 
 
-def one_hot(indices, depth, values, *, axis=-1):
-    n = int(ints(depth)[0])
-    hot = torch.nn.functional.one_hot(_positive(indices, n).long(), n)
-    off, on = values.reshape(-1)[0], values.reshape(-1)[1]
-    out = torch.where(hot.bool(), on, off)
-    return out.movedim(-1, axis) if axis != -1 else out
-
-
-def non_zero(x):
-    return torch.stack(torch.nonzero(x, as_tuple=True)) if x.dim() else torch.nonzero(x).T
 
 
 def _unary(fn):
@@ -300,17 +248,14 @@ OPS = {
     "Add": _binary(torch.add), "Sub": _binary(torch.sub), "Mul": _binary(torch.mul), "Div": div, "Pow": pow_,
     "Mod": mod, "Equal": _binary(torch.eq), "Less": _binary(torch.lt), "LessOrEqual": _binary(torch.le),
     "Greater": _binary(torch.gt), "GreaterOrEqual": _binary(torch.ge), "And": _binary(torch.logical_and),
-    "Or": _binary(torch.logical_or), "Xor": _binary(torch.logical_xor), "BitShift": None,
+    "Or": _binary(torch.logical_or), "Xor": _binary(torch.logical_xor),
     "Max": variadic(torch.maximum), "Min": variadic(torch.minimum), "Sum": variadic(torch.add), "Mean": mean,
     "Where": where, "Clip": clip, "Cast": cast, "CastLike": cast_like, "Identity": identity,
     "Shape": shape, "Size": size, "Reshape": reshape, "Expand": expand, "Flatten": flatten,
     "Transpose": transpose, "Squeeze": squeeze, "Unsqueeze": unsqueeze, "Concat": concat, "Split": split,
-    "Slice": slice_, "Gather": gather, "GatherElements": gather_elements, "GatherND": gather_nd,
-    "ScatterND": scatter_nd, "ScatterElements": scatter_elements, "Tile": tile, "Range": range_,
-    "ConstantOfShape": constant_of_shape, "Trilu": trilu, "CumSum": cumsum, "Pad": pad, "OneHot": one_hot,
-    "NonZero": non_zero,
+    "Slice": slice_, "Tile": tile, "Range": range_, "ConstantOfShape": constant_of_shape, "Trilu": trilu,
+    "CumSum": cumsum, "Pad": pad,
 }
-del OPS["BitShift"]
 
 # Operators whose function returns a tuple, one entry per ONNX output.
 MULTI_OUTPUT = {"Split"}
