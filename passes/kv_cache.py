@@ -6,7 +6,8 @@ tokens), ``position_ids [batch, sequence]``, ``past_key_values.{i}.key|value [ba
 past_sequence, head_dim]``; outputs the model's own (``logits``) then ``present.{i}.key|value``
 (past and new); with ``scores=true`` also ``attention.{i} [batch, past+new]``, the attention each
 cached token received (for heavy-hitter eviction); with ``static=N`` the cache is a fixed
-``N``-slot buffer written at ``cache_position`` (``passes.kv_cache_static``). One graph serves prefill (past length 0) and decoding. It is exact: with empty
+``N``-slot buffer written at ``cache_position`` (``passes.kv_cache_static``); with ``kv=int8``
+the cache is int8 with per-head, per-token scales (``passes.kv_cache_int8``). One graph serves prefill (past length 0) and decoding. It is exact: with empty
 past and ``position_ids = 0..n-1`` the logits equal the input graph's, and decoding token by token
 gives the logits the full graph gives for the whole sequence.
 
@@ -33,6 +34,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from optimizer.pipeline import Pass, PassContext, PassResult, register
 from passes import kv_cache_build as build
+from passes import kv_cache_int8 as kv_int8
 from passes import kv_cache_static as kv_static
 from passes.kv_cache_find import SiteCache, find_site, shape_only
 from passes.kv_cache_tables import rows
@@ -51,8 +53,13 @@ class KVCache(Pass):
         max_positions: int = 4096
         scores: bool = False
         static: int = 0
+        kv: str = "float"
 
         def validate(self) -> None:
+            if self.kv not in ("float", "int8"):
+                raise PassError(f"kv_cache kv must be float or int8, got {self.kv!r}.")
+            if self.kv == "int8" and self.static:
+                raise PassError("kv_cache kv=int8 works with a cache that grows; drop static or kv=int8.")
             if self.max_positions < 2:
                 raise PassError(f"kv_cache needs max_positions >= 2, got {self.max_positions}.")
             if self.static < 0 or self.static > self.max_positions:
@@ -69,18 +76,19 @@ class KVCache(Pass):
         tables = _table_rows(graph, sites, ids, self.options.max_positions)
         token_dim = ids.shape[1] if ids.shape is not None else "sequence"
         dtype = sites[0].key.dtype
+        int8 = self.options.kv == "int8"
         if static:
             pasts, where = kv_static.static_inputs(graph, sites, token_dim, static)
             additive, allowed = kv_static.static_mask(graph, mask_input, where, dtype)
         else:
-            pasts = build.new_inputs(graph, sites, token_dim)
+            pasts = (kv_int8.int8_inputs if int8 else build.new_inputs)(graph, sites, token_dim)
             additive, allowed = build.mask(graph, ids, mask_input, dtype)
         for site in sites:
             build.follow_length(graph, site)
             if static:
                 kv_static.scatter(graph, site, pasts[site.layer], where)
             else:
-                build.concat(graph, site, pasts[site.layer])
+                (kv_int8.int8_concat if int8 else build.concat)(graph, site, pasts[site.layer])
             build.apply_mask(graph, site, additive, allowed)
         for site in sites if self.options.scores else ():
             build.attention_output(graph, site)
@@ -157,7 +165,10 @@ def _check_mask_use(mask_input: ir.Value) -> None:
 def _details(sites: list[SiteCache], opts) -> dict:
     layers = [{"layer": s.layer, "kv_heads": s.key.shape[1], "head_dim": s.key.shape[3]} for s in sites]
     itemsize = sites[0].key.dtype.itemsize
-    per_token = sum(2 * layer["kv_heads"] * layer["head_dim"] * itemsize for layer in layers)
+    if opts.kv == "int8":  # one byte per element plus one scale per head and token
+        per_token = sum(2 * layer["kv_heads"] * (layer["head_dim"] + itemsize) for layer in layers)
+    else:
+        per_token = sum(2 * layer["kv_heads"] * layer["head_dim"] * itemsize for layer in layers)
     return {"layers": layers, "kv_bytes_per_token": per_token, "max_positions": opts.max_positions,
             "dtype": sites[0].key.dtype.name.lower(), "interface": "optimum", "scores": opts.scores,
-            "static": opts.static or None}
+            "static": opts.static or None, "kv": opts.kv}

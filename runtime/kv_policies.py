@@ -10,7 +10,9 @@ Given as ``name:key=value,...`` (``carve generate --kv-policy``, ``make_policy``
   ``kv_cache:scores=true`` (its ``attention.{i}`` outputs); the choice is made per layer, the
   same count in every layer (the graph's one attention mask covers all layers).
 
-A policy runs between decoding steps, before the cache grows past ``size``; it keeps the cached
+A policy runs between decoding steps when the cache is full: it evicts down to ``size`` minus
+one sixteenth (at least one token), so the compaction runs once every few steps rather than on
+every step, and the cache never holds more than ``size`` tokens. It keeps the cached
 keys as they are (rotated at their original positions), and new tokens keep counting positions
 from where they were, so nothing is recomputed. ``describe()`` says how many tokens and bytes
 were evicted. StreamingLLM re-numbers positions inside the cache, which needs keys stored before
@@ -44,7 +46,7 @@ class Policy:
         if cache.batch != 1:
             raise FeedError("KV eviction runs on one sequence at a time (padded rows would evict different tokens); "
                             "generate prompts one by one with a KV policy.")
-        keep = self.choose(cache.length, self.size - 1)
+        keep = self.choose(cache.length, self.size - max(1, self.size // 16))
         before, old = cache.nbytes(), cache.length
         cache.keep(keep)
         self.evicted_tokens += old - cache.length

@@ -130,6 +130,20 @@ def test_static_cache_generates_the_same_tokens(arts, tmp_path):
         generate(static, [PROMPTS[0]], max_new_tokens=30, policy=make_policy("window:size=8"))
 
 
+def test_int8_cache_generates_and_reuses_prefixes(arts, tmp_path):
+    _, cached, _ = arts
+    int8 = runtime.load(optimizer.optimize("tiny-llama", passes=["kv_cache:kv=int8"], output=tmp_path / "q").path)
+    out = generate(int8, [PROMPTS[0]], max_new_tokens=10)
+    assert out.tokens == generate(cached, [PROMPTS[0]], max_new_tokens=10).tokens
+    assert out.kv_bytes * 3 < generate(cached, [PROMPTS[0]], max_new_tokens=10).kv_bytes
+    cache = PrefixCache(block=4)
+    generate(int8, [PROMPTS[0] + [5]], max_new_tokens=3, prefix_cache=cache)
+    again = generate(int8, [PROMPTS[0] + [6]], max_new_tokens=3, prefix_cache=cache)
+    assert again.reused_prefix == 4 and again.tokens == generate(int8, [PROMPTS[0] + [6]], max_new_tokens=3).tokens
+    policy = make_policy("window:size=6")
+    assert len(generate(int8, [PROMPTS[0]], max_new_tokens=12, policy=policy).tokens[0]) == 12
+
+
 def test_prompt_longer_than_the_cache(arts):
     _, cached, _ = arts
     with pytest.raises(FeedError, match="cache holds 4"):

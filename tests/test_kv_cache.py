@@ -123,6 +123,24 @@ def test_static_cache_structure_and_decoding(llama):
         np.testing.assert_allclose(outs["logits"], ref[:, start:end], atol=1e-5)
 
 
+def test_int8_cache_structure_and_accuracy(llama):
+    full, _, _, _ = llama
+    model, records = _cached("tiny-llama", kv="int8")
+    past = {v.name: v for v in model.graph.inputs if v.name.startswith("past")}
+    assert past["past_key_values.0.key"].dtype == ir.DataType.INT8 and list(past["past_key_values.0.key_scale"].shape)[3] == 1
+    assert records[0].details["kv_bytes_per_token"] == 2 * 2 * 2 * (16 + 4)  # int8 elements + one fp32 scale per head
+    session = _session(model)
+    ids = np.random.default_rng(4).integers(0, 264, (2, 10)).astype(np.int64)
+    ref = full.run(None, {"input_ids": ids, "attention_mask": np.ones_like(ids)})[0]
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.tile(np.arange(10), (2, 1))}
+    for i in session.get_inputs():
+        if i.name.startswith("past"):
+            feeds[i.name] = np.zeros((2, 2, 0, i.shape[3]), np.int8 if i.type == "tensor(int8)" else np.float32)
+    got = session.run(["logits"], feeds)[0]
+    error = np.abs(got - ref).max() / np.abs(ref).max()
+    assert 0 < error < 0.02  # lossy, within 2% of the logits' range
+
+
 def test_scores_output_sums_attention(tmp_path):
     model, records = _cached("tiny-llama", scores=True)
     session = _session(model)
@@ -172,6 +190,10 @@ def test_option_errors():
 
     with pytest.raises(PassError, match="max_positions >= 2"):
         instantiate([PassSpec("kv_cache", {"max_positions": 1})])
+    with pytest.raises(PassError, match="kv must be float or int8"):
+        instantiate([PassSpec("kv_cache", {"kv": "fp4"})])
+    with pytest.raises(PassError, match="drop static or kv=int8"):
+        instantiate([PassSpec("kv_cache", {"kv": "int8", "static": 16})])
     with pytest.raises(PassError, match="static=8000 must be between"):
         instantiate([PassSpec("kv_cache", {"static": 8000})])
 
