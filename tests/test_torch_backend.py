@@ -328,3 +328,12 @@ def test_pruned_tokens_equal_ort(mode, tmp_path):
     for batch in (1, 3):
         feeds = _feeds("tiny-vit", batch, 0)
         _assert_close(reference(feeds), session.run(feeds))
+
+
+def test_carve_bench_times_a_torch_artifact(artifacts):
+    """carve bench runs a torch-target artifact as its 'carve' row; outputs agree with ORT fp32."""
+    from optimizer.bench import bench
+
+    result = bench(artifacts["tiny-bert"].path, batch=2, seq=8, runs=2, peers="carve,ort-fp32", threads=1)
+    carve = next(r for r in result["rows"] if r["system"] == "carve")
+    assert carve["median_ms"] > 0 and carve["accuracy"]["max_abs_err"] <= 1e-4, carve

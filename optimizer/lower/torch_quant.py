@@ -37,7 +37,7 @@ class Substitute:
     """A kernel call replacing one MatMul: graph values and precomputed torch tensors as arguments."""
 
     kernel: Callable
-    inputs: list[Any]  # ir.Value, or a torch.Tensor made at build time
+    inputs: list[Any]  # ir.Value, or a torch.Tensor made at build time (kept in its layout)
     mode: str
     extra: dict = field(default_factory=dict)
 
@@ -81,7 +81,11 @@ def _weight(node: ir.Node) -> tuple[ir.Value, ir.Value] | None:
 
 
 def _int8(node: ir.Node, weight, mode: str | None) -> Substitute | None:
-    wq, scale = weight
+    from optimizer.lower.torch_dtypes import to_torch
+
+    # [K, N] stored column-major (a transposed [N, K] tensor): the layout cuBLASLt's int8 GEMM
+    # behind torch._int_mm is known to take as its second operand.
+    wq, scale = to_torch(weight[0].const_value).t().contiguous().t(), weight[1]
     if mode == "dynamic":
         return Substitute(q.dynamic_int8_linear, [node.inputs[0], wq, scale], mode)
     if mode == "w8a8":
