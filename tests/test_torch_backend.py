@@ -216,18 +216,19 @@ def _cache_feeds(step_ids, past, start, layers):
     return feeds
 
 
-def test_kv_cached_decoder_prefill_and_decode_equal_ort(tmp_path):
-    art = optimize("tiny-llama", passes=["kv_cache:max_positions=64"], target="torch", output=tmp_path / "kv")
+@pytest.mark.parametrize("name", ["tiny-llama", pytest.param("smollm2-135m", marks=pytest.mark.slow)])
+def test_kv_cached_decoder_prefill_and_decode_equal_ort(name, tmp_path):
+    art = optimize(name, passes=["kv_cache:max_positions=64"], target="torch", output=tmp_path / "kv")
     reference, session = _ort(art.path / "model.onnx"), runtime.load(art.path)
     keys = [s for s in art.manifest["inputs"] if s["name"].endswith(".key")]
     presents = [s["name"] for s in art.manifest["outputs"] if s["name"].startswith("present.")]
-    ids = _feeds("tiny-llama", 2, 8)["input_ids"]
+    ids = _feeds(name, 2, 8)["input_ids"]
     past = [np.zeros((2, keys[0]["shape"][1], 0, keys[0]["shape"][3]), np.float32)] * (2 * len(keys))
     start = 0
     for chunk in (ids[:, :5], ids[:, 5:6], ids[:, 6:7], ids[:, 7:8]):  # prefill, then one token at a time
         feeds = _cache_feeds(chunk, past, start, len(keys))
         want, got = reference(feeds), session.run(feeds)
-        _assert_close(want, got)
+        _assert_close(want, got, rel=1e-5 if name.startswith("tiny") else 1e-4)
         past, start = [got[name] for name in presents], start + chunk.shape[1]
     assert past[0].shape[2] == 8
 
