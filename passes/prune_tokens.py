@@ -74,7 +74,7 @@ class PruneTokens(Pass):
         protect_ids: tuple[int, ...] = ()  # token ids always kept (e.g. [SEP])
         restore: Literal["auto", "always", "never"] = "auto"
         fill: Literal["nearest", "last"] = "nearest"  # what restored dropped tokens hold
-        proportional: bool = False  # log(tokens represented) added to later attention scores
+        proportional: bool | None = None  # log(tokens represented) in later scores; auto: when restoring by nearest
 
         def validate(self) -> None:
             plan.validate(self)

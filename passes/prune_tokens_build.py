@@ -78,6 +78,8 @@ def build_prune(model: ir.Model, model_map: Any, opts: Any) -> dict[str, Any]:
     last = values[model_map.blocks[-1].output]
     restore, why = decide_restore(opts, last, opts.protect)
     cut = regions(graph, [s.gather for s in stages], last if restore else None)
+    # kept tokens stand for the dropped ones they will fill: give them their attention share
+    proportional = opts.proportional if opts.proportional is not None else restore and opts.fill == "nearest"
     readers, last_shape = list(last.uses()), last.shape
     ops = Ops(graph, "prune_tokens", taken_names(graph))
     frame_state = frame_io(graph, stages[0].gather, ops) if opts.mode == "frames" else None
@@ -96,9 +98,9 @@ def build_prune(model: ir.Model, model_map: Any, opts: Any) -> dict[str, Any]:
         kept.stream.shape = ir.Shape([stage.gather.shape[0], dim.dim(), stage.gather.shape[2]])
         if i > 0:
             steps.append((positions, stage.gather))  # the tokens this stage drops keep these values
-        if opts.fill == "nearest" or opts.proportional:
+        if opts.fill == "nearest" or proportional:
             token_map = ops.op("GatherElements", nearest_kept(ops, stage.gather, kept.stream), token_map, axis=1)
-        if opts.proportional:
+        if proportional:
             size = represented(ops, token_map, _weights(ops, tokens), kept.relative)
             end = stages[i + 1].block if i + 1 < len(stages) else len(model_map.blocks)
             proportional_attention(ops, model_map, {b: size for b in range(stage.block, end)})
@@ -111,6 +113,7 @@ def build_prune(model: ir.Model, model_map: Any, opts: Any) -> dict[str, Any]:
         full = scatter_back(ops, stages[0].gather, steps + [(positions, last)])
         reroute_readers(graph, last, full, readers, last_shape)
     details = _details(opts, records, restore, why, tokens)
+    details["proportional_attention"] = proportional
     details["tokens_per_block"] = _ratios(stages, len(model_map.blocks), opts)
     return details
 
@@ -144,7 +147,7 @@ def _details(opts: Any, records: list, restore: bool, why: str, tokens) -> dict[
         "static_shapes": opts.threshold is None and tokens.n is not None,
         "padding": tokens.mask.name if tokens.mask is not None else None,
         "protected": {"leading": opts.protect, "ids": list(opts.protect_ids)},
-        "fill": opts.fill if restore else None, "proportional_attention": opts.proportional,
+        "fill": opts.fill if restore else None,
     }
     if opts.mode in ("attention", "pagerank"):
         details["source"] = tokens.source if opts.mode == "attention" else "pagerank"
