@@ -338,3 +338,20 @@ def test_carve_bench_times_a_torch_artifact(artifacts):
     result = bench(artifacts["tiny-bert"].path, batch=2, seq=8, runs=2, peers="carve,ort-fp32", threads=1)
     carve = next(r for r in result["rows"] if r["system"] == "carve")
     assert carve["median_ms"] > 0 and carve["accuracy"]["max_abs_err"] <= 1e-4, carve
+
+
+def test_static_kv_cache_scatters_like_ort(tmp_path):
+    """kv_cache:static=N writes new keys into fixed buffers with ScatterElements at cache_position."""
+    art = optimize("tiny-llama", passes=["kv_cache:max_positions=64,static=16"], target="torch", output=tmp_path / "s")
+    reference, session = _ort(art.path / "model.onnx"), runtime.load(art.path)
+    ids = _feeds("tiny-llama", 2, 7)["input_ids"]
+    past = {s["name"]: np.zeros([2, *s["shape"][1:]], np.float32) for s in art.manifest["inputs"]
+            if s["name"].startswith("past_key_values.")}
+    start = 0
+    for chunk in (ids[:, :5], ids[:, 5:6], ids[:, 6:7]):
+        mask = (np.arange(16) < start + chunk.shape[1]).astype(np.int64)[None].repeat(2, 0)
+        feeds = {"input_ids": chunk, "attention_mask": mask, "cache_position": np.arange(start, start + chunk.shape[1]),
+                 "position_ids": np.arange(start, start + chunk.shape[1])[None].repeat(2, 0), **past}
+        want, got = reference(feeds), session.run(feeds)
+        _assert_close(want, got)
+        past, start = {k: got[k.replace("past_key_values.", "present.")] for k in past}, start + chunk.shape[1]
