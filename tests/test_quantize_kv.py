@@ -106,3 +106,18 @@ def _linear_model() -> ir.Model:
     mm.outputs[0].name, mm.outputs[0].type, mm.outputs[0].shape = "y", ir.TensorType(ir.DataType.FLOAT), ir.Shape(["batch", 8])
     graph = ir.Graph([x], [mm.outputs[0]], nodes=[mm], initializers=[w], opset_imports={"": 20}, name="g")
     return ir.Model(graph, ir_version=10)
+
+
+def test_quantized_model_takes_the_kv_cache_rewrite(tmp_path):
+    """quantize (w4, kv scales) then kv_cache: the cached graph's prefill gives the same logits."""
+    from optimizer import optimize
+
+    plain = optimize("tiny-llama", passes=["quantize:mode=w4,block=32,kv=int8"], output=tmp_path / "q")
+    cached = optimize("tiny-llama", passes=["quantize:mode=w4,block=32,kv=int8", "kv_cache"], output=tmp_path / "qkv")
+    feeds = {k: v.numpy() for k, v in registry.get("tiny-llama").example_inputs(2, 10).items()}
+    want = plain.load().run(feeds)["logits"]
+    past = {f"past_key_values.{i}.{kind}": np.zeros((2, 2, 0, 16), np.float32) for i in range(2) for kind in ("key", "value")}
+    got = cached.load().run({**feeds, "position_ids": np.tile(np.arange(10), (2, 1)), **past})["logits"]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    scales = json.loads(ir.load(cached.path / "model.onnx").metadata_props[KEY])
+    assert len(scales["layers"]) == 2
