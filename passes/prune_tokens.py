@@ -58,7 +58,11 @@ class PruneTokens(Pass):
     name = "prune_tokens"
     summary = "drop or merge tokens inside the blocks: attention, pagerank, diverse, frames or merge (lossy)"
     exact = False
-    changes_signature = True  # only mode=frames adds its state input and output
+
+    def __init__(self, options=None):
+        super().__init__(options)
+        # only mode=frames adds its state input and output; the other modes keep the signature
+        self.changes_signature = self.options.mode == "frames"
 
     @dataclass
     class Options:
@@ -84,10 +88,8 @@ class PruneTokens(Pass):
         model_map = require_blocks(ctx.model_map(model), "prune_tokens")
         plan.check_target(opts, ctx.target)
         before = flops_table(model_map, model, None)
-        if opts.mode == "merge":
-            details = build_merge(model, model_map, opts)
-        else:
-            details = build_prune(model, model_map, opts)
+        build = build_merge if opts.mode == "merge" else build_prune
+        details = build(model, model_map, opts, ctx.target)
         model.graph.sort()
         common.RemoveUnusedNodesPass()(model)
         details["flops"] = flops_table(model_map, model, details.pop("tokens_per_block"), before)

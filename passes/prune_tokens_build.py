@@ -66,14 +66,14 @@ def kept_dim(tokens_dim: TokenDim, static: int | None, index: int) -> TokenDim:
     return TokenDim(f"{base}_kept{index}", None)
 
 
-def build_prune(model: ir.Model, model_map: Any, opts: Any) -> dict[str, Any]:
+def build_prune(model: ir.Model, model_map: Any, opts: Any, target: str) -> dict[str, Any]:
     graph = model.graph
     values = values_by_name(graph)
     stages = plan.stages(model_map, values, opts)
     if not stages:  # a schedule of ratios 1.0: nothing to drop
         return {"mode": opts.mode, "stages": [], "restored": False, "restore_reason": "nothing dropped",
                 "tokens_per_block": [(1.0, 1.0)] * len(model_map.blocks)}
-    tokens = plan.tokens_of(graph, model_map, stages[0].gather)
+    tokens = plan.tokens_of(graph, model_map, stages[0].gather, target)
     tokens.source = opts.source if opts.source != "auto" else ("cls" if opts.protect else "mean")
     last = values[model_map.blocks[-1].output]
     restore, why = decide_restore(opts, last, opts.protect)
@@ -157,7 +157,7 @@ def _details(opts: Any, records: list, restore: bool, why: str, tokens) -> dict[
     return details
 
 
-def build_merge(model: ir.Model, model_map: Any, opts: Any) -> dict[str, Any]:
+def build_merge(model: ir.Model, model_map: Any, opts: Any, target: str) -> dict[str, Any]:
     from passes.prune_tokens_merge import merge_blocks
 
-    return merge_blocks(model, model_map, opts)
+    return merge_blocks(model, model_map, opts, target)

@@ -36,7 +36,7 @@ from runtime.errors import PassError
 _INT_MAX = np.iinfo(np.int64).max
 
 
-def merge_blocks(model: ir.Model, model_map: Any, opts: Any) -> dict[str, Any]:
+def merge_blocks(model: ir.Model, model_map: Any, opts: Any, target: str) -> dict[str, Any]:
     graph = model.graph
     values = values_by_name(graph)
     first = plan.default_after(opts)
@@ -47,7 +47,7 @@ def merge_blocks(model: ir.Model, model_map: Any, opts: Any) -> dict[str, Any]:
             raise PassError(f"prune_tokens mode=merge merges between attention and MLP, and block {block.index} "
                             f"({block.name}) has no separate attention keys and MLP; use another mode.")
     gathers = [values[b.mlp.input] for b in blocks]
-    tokens = plan.tokens_of(graph, model_map, values[model_map.blocks[first].input])
+    tokens = plan.tokens_of(graph, model_map, values[model_map.blocks[first].input], target)
     last = values[model_map.blocks[-1].output]
     cut = regions(graph, gathers, last)
     readers, last_shape = list(last.uses()), last.shape

@@ -87,15 +87,15 @@ def _probs(model_map: Any, values: dict[str, ir.Value], index: int, opts: Any) -
     return values[site.probs]
 
 
-def tokens_of(graph: ir.Graph, model_map: Any, first: ir.Value) -> Tokens:
+def tokens_of(graph: ir.Graph, model_map: Any, first: ir.Value, target: str) -> Tokens:
     if model_map.token_axis != 1 or first.shape is None or len(first.shape) != 3:
         raise PassError("prune_tokens needs a [batch, tokens, hidden] residual stream, and this model's map has "
                         f"token axis {model_map.token_axis}; it supports batch-first transformers only.")
     dim = first.shape[1]
     token = TokenDim(None, dim) if isinstance(dim, int) else TokenDim(dim.value, None)
-    if token.size is not None and token.size > TOPK_LIMIT:
-        raise PassError(f"prune_tokens keeps at most {TOPK_LIMIT} of N tokens with a static TopK, and this model has "
-                        f"{token.size}; it is too long for the TensorRT-compatible form.")
+    if target == "tensorrt" and token.size is not None and token.size > TOPK_LIMIT:
+        raise PassError(f"TensorRT's TopK takes K <= {TOPK_LIMIT}, and this model has {token.size} tokens; prune it "
+                        "for another target, or give it fewer tokens.")
     inputs = {v.name: v for v in graph.inputs}
     ids = inputs.get(model_map.token_input)
     if ids is not None and (ids.dtype != ir.DataType.INT64 or len(ids.shape or ()) != 2):
