@@ -113,9 +113,11 @@ def _merge(ops: Ops, x, keys, size, positions, r: int, heads: int | None, protec
     partner = ops.op("ArgMax", scores, axis=2, keepdims=0)
     na = ops.dim(a_key, 1)
     _, order = ops.op("TopK", best, na, axis=1, largest=1, sorted=1, outputs=2)
-    src = ops.op("Slice", order, ops.i64(0), ops.i64(r), ops.i64(1))
-    stay_count = ops.op("Sub", na, ops.i64(r))
-    stay = sort_ascending(ops, ops.op("Slice", order, ops.i64(r), ops.i64(_INT_MAX), ops.i64(1)), stay_count)
+    # a short sequence (symbolic N) merges fewer: the protected tokens and one A token stay
+    merges = ops.op("Max", ops.op("Min", ops.i64(r), ops.op("Sub", na, ops.i64(max(protect, 1)))), ops.i64(0))
+    src = ops.op("Slice", order, ops.i64(0), merges, ops.i64(1))
+    stay_count = ops.op("Sub", na, merges)
+    stay = sort_ascending(ops, ops.op("Slice", order, merges, ops.i64(_INT_MAX), ops.i64(1)), stay_count)
     dst = ops.op("GatherElements", partner, src, axis=1)
     weighted = ops.op("Mul", x, ops.op("Unsqueeze", size, ops.i64(-1)))
     a_x, b_x = _halves(ops, weighted)
@@ -127,7 +129,7 @@ def _merge(ops: Ops, x, keys, size, positions, r: int, heads: int | None, protec
     new_x = ops.op("Div", summed, ops.op("Unsqueeze", ops.op("Max", new_size, ops.f32(1e-6)), ops.i64(-1)))
     new_positions = ops.op("Concat", ops.op("GatherElements", a_pos, stay, axis=1), b_pos, axis=1)
     new_index = _new_index(ops, positions, stay, src, dst, stay_count, ops.dim(b_key, 1))
-    count = ops.op("Sub", ops.dim(x, 1), ops.i64(r))
+    count = ops.op("Sub", ops.dim(x, 1), merges)
     # ``order``: indices of the new tokens in the previous set (a merged B token counts as its B self)
     kept_prev = ops.op("Concat", ops.op("Mul", stay, ops.i64(2)),
                        ops.op("Add", ops.op("Mul", _arange_like(ops, b_pos), ops.i64(2)), ops.i64(1)), axis=1)
