@@ -20,9 +20,14 @@ tokens whose score is at least ``t`` times the row's mean (``frames``: whose cha
 is at least ``t``); K is then data-dependent, so it is for ONNX Runtime only. ``protect``
 leading tokens (the CLS) and ``protect_ids`` token ids are always kept; padding (attention mask
 0) goes first. ``restore`` (auto, always, never): whether the full token set is rebuilt after
-the last block (``passes.prune_tokens_restore``).
+the last block, ``fill`` what dropped tokens then hold (the nearest kept token's final value, or
+their value when dropped), ``proportional`` whether kept tokens get ``log(tokens represented)``
+in later attention scores (``passes.prune_tokens_restore``).
 
-``keep=1.0`` still inserts every stage (K = N): the outputs equal the original exactly.
+``keep=1.0`` still inserts every stage (K = N): the outputs equal the original exactly (bit for
+bit without ONNX Runtime's graph fusions, which differ around a gather). Text encoders, ViTs
+and decoders (RoPE tables and causal masks are gathered like any token-indexed side value) are
+handled; for decoders the pass prunes a full-sequence pass, not a KV-cached decode step.
 
 The record (``details``) lists the stages (block, ratio, K when static), side values rewritten,
 whether and why the tokens were restored, and FLOPs per block before and after
@@ -31,7 +36,7 @@ whether and why the tokens were restored, and FLOPs per block before and after
 PassError (one sentence) for: no blocks; a keep ratio or schedule entry <= 0 or > 1; a
 schedule that grows or has the wrong length; ``after`` out of range; ``attention``/``pagerank``
 at block 0 (no earlier attention) or with fused attention (no probabilities); ``threshold`` with
-``diverse``/``merge`` or on a target other than ``ort-cpu``; ``frames`` with more than one stage;
+``diverse``/``merge`` or on a target other than ``ort-cpu``; ``frames`` with a schedule;
 ``merge`` without ``r``; a static K above TensorRT's 3840 on the ``tensorrt`` target; ``restore=never``
 when an output is per token.
 """
@@ -49,8 +54,6 @@ from optimizer.structure import require_blocks
 from passes import prune_tokens_plan as plan
 from passes.prune_tokens_build import build_merge, build_prune
 from passes.prune_tokens_flops import flops_table
-
-MODES = ("attention", "pagerank", "merge", "diverse", "frames")
 
 
 @register

@@ -22,7 +22,8 @@ from runtime.errors import PassError
 @pytest.fixture(scope="module")
 def traced():
     """Serialized traces of the small built-ins (each test deserializes a fresh copy)."""
-    return {name: ir.serde.serialize_model(cached_trace(registry.get(name), Progress())) for name in ("tiny-bert", "tiny-vit")}
+    names = ("tiny-bert", "tiny-vit", "tiny-llama")
+    return {name: ir.serde.serialize_model(cached_trace(registry.get(name), Progress())) for name in names}
 
 
 def _prune(proto, text: str, target: str = "ort-cpu"):
@@ -103,9 +104,10 @@ def test_merge_counts(traced):
     ("tiny-bert", "prune_tokens:keep=1.0,after=2,mode=diverse,fill=last"),
     ("tiny-vit", "prune_tokens:keep=1.0,after=1,source=cls"),
     ("tiny-vit", "prune_tokens:keep=1.0,after=0,mode=diverse"),
+    ("tiny-llama", "prune_tokens:keep=1.0,after=1"),  # RoPE tables and the causal mask are gathered too
 ])
 def test_keep_everything_is_exact(traced, name, text):
-    feeds = _text_feeds() if name == "tiny-bert" else _image_feeds()
+    feeds = {"tiny-bert": _text_feeds, "tiny-vit": _image_feeds, "tiny-llama": _text_feeds}[name]()
     before = _run(ir.serde.deserialize_model(traced[name]), feeds, optimize=False)
     model, record = _prune(traced[name], text)
     assert record.sites == 1
