@@ -193,6 +193,16 @@ def _image_feeds(spec, n: int, batch: int, split: str) -> list[dict[str, np.ndar
     return [{"pixel_values": pixels[i:i + batch]} for i in range(0, len(pixels), batch)]
 
 
+def complete_feeds(model: ir.Model, batches: Sequence[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    """Text batches for a KV-cached decoder get an empty past and positions (a prefill), so the
+    same calibration data serves the model before and after the ``kv_cache`` pass."""
+    from optimizer.artifact import signature
+    from runtime.kv import prefill_feeds
+
+    inputs = signature(model.graph.inputs)
+    return [prefill_feeds(inputs, feeds) for feeds in batches]
+
+
 def check_calibration_feeds(model: ir.Model, batches: Sequence[dict[str, np.ndarray]]) -> None:
     """Raise ``PassError`` when a batch does not fit the model's inputs (names, dtype, rank, sizes)."""
     if not batches:
@@ -226,7 +236,7 @@ def collect(model: ir.Model, names: Sequence[str], batches: Iterable[dict[str, n
             progress: Progress | None = None, keep_rows: int = 0,
             max_bytes: int = 1 << 30, gram: Sequence[str] = ()) -> dict[str, TensorStats]:
     """Statistics of the values ``names`` of ``model`` over ``batches`` (see module docstring)."""
-    batches, names = list(batches), list(dict.fromkeys(names))
+    batches, names = complete_feeds(model, list(batches)), list(dict.fromkeys(names))
     check_calibration_feeds(model, batches)
     progress = progress or Progress()
     stats = {name: TensorStats(name) for name in names}
@@ -249,7 +259,7 @@ def collect(model: ir.Model, names: Sequence[str], batches: Iterable[dict[str, n
 def run_values(model: ir.Model, names: Sequence[str], batches: Iterable[dict[str, np.ndarray]]):
     """Yield, per batch, ``(feeds, {name: array})`` of the values ``names`` as ORT computes them
     (for statistics that need the full shape, such as per-head KV ranges)."""
-    batches, names = list(batches), list(dict.fromkeys(names))
+    batches, names = complete_feeds(model, list(batches)), list(dict.fromkeys(names))
     check_calibration_feeds(model, batches)
     run = _runner(model, names)
     for feeds in batches:

@@ -96,6 +96,7 @@ class KVCache(Pass):
         _replace_tables(graph, sites, tables, position_ids)
         RemoveUnusedNodesPass()(model)
         graph.sort()
+        _infer_types(model)
         _check_mask_use(mask_input)
         return PassResult(model=model, sites=len(sites), details=_details(sites, self.options))
 
@@ -153,6 +154,14 @@ def _replace_tables(graph: ir.Graph, sites: list[SiteCache], tables: dict, posit
                 rank = max(len(operand.shape or ()), len(other.shape or ()))
                 done[id(operand)] = build.lookup(graph, operand, tables[id(operand)], position_ids, rank)
             node.replace_input_with(slot, done[id(operand)])
+
+
+def _infer_types(model: ir.Model) -> None:
+    """Types (and shapes where known) for the values the rewrite created, so later passes that cut
+    the graph into pieces see typed boundaries. ONNX's inference keeps declared types."""
+    from onnx_ir.passes.common import ShapeInferencePass
+
+    ShapeInferencePass()(model)  # in place; on failure it leaves the model as it was
 
 
 def _check_mask_use(mask_input: ir.Value) -> None:

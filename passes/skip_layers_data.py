@@ -57,6 +57,9 @@ def calibration_batches(ctx: Any, model: ir.Model, samples: int) -> tuple[list[d
         raise PassError("skip_layers needs calibration data, but none was given and the model has no example "
                         "inputs; optimize a built-in model or pass example_inputs.")
     batches = [{k: np.asarray(v.detach().cpu() if hasattr(v, "detach") else v) for k, v in b.items()} for b in batches]
+    from optimizer.calibrate import complete_feeds
+
+    batches = complete_feeds(model, batches)
     _check_names(batches, model)
     return batches, origin
 

@@ -205,3 +205,20 @@ def test_cache_capacity_and_layout_errors():
         cache.check_room(5)
     with pytest.raises(FeedError, match="no KV cache"):
         KVLayout.of([{"name": "input_ids", "shape": ["batch", "sequence"], "dtype": "int64"}])
+
+
+@pytest.mark.parametrize("passes", [
+    ["quantize:mode=dynamic,calib=example", "kv_cache"],
+    ["kv_cache", "quantize:mode=dynamic,calib=example"],
+    ["kv_cache", "skip_layers:blocks=1"],
+])
+def test_composes_with_lossy_passes(tmp_path, passes):
+    import optimizer
+    import runtime
+    from runtime.generate import generate
+
+    art = optimizer.optimize("tiny-llama", passes=passes, output=tmp_path / "c")
+    session = runtime.load(art.path)
+    assert any(i["name"].startswith("past_key_values") for i in session.inputs)
+    assert [p["sites"] > 0 for p in art.manifest["passes"]] == [True, True]
+    assert len(generate(session, [[1, 40, 41, 42]], max_new_tokens=6).tokens[0]) == 6
