@@ -35,7 +35,7 @@ from passes.quantize_rewrite import META, constant
 
 MS = "com.microsoft"
 WEIGHT_ONLY = ("w8", "w4")
-PER_CHANNEL_BLOCK = 32
+PER_CHANNEL_BLOCK = 128
 ACCURACY_LEVEL = 4
 
 
