@@ -121,14 +121,15 @@ def _merge(ops: Ops, x, keys, size, positions, r: int, heads: int | None, protec
     dst = ops.op("GatherElements", partner, src, axis=1)
     weighted = ops.op("Mul", x, ops.op("Unsqueeze", size, ops.i64(-1)))
     a_x, b_x = _halves(ops, weighted)
-    wide = ops.op("Expand", ops.op("Unsqueeze", dst, ops.i64(-1)), ops.op("Shape", gather_tokens(ops, a_x, src)))
-    b_x = ops.op("ScatterElements", b_x, wide, gather_tokens(ops, a_x, src), axis=1, reduction="add")
+    moving = gather_tokens(ops, a_x, src)
+    wide = ops.op("Expand", ops.op("Unsqueeze", dst, ops.i64(-1)), ops.op("Shape", moving))
+    b_x = ops.op("ScatterElements", b_x, wide, moving, axis=1, reduction="add")
     b_size = ops.op("ScatterElements", b_size, dst, ops.op("GatherElements", a_size, src, axis=1), axis=1, reduction="add")
     new_size = ops.op("Concat", ops.op("GatherElements", a_size, stay, axis=1), b_size, axis=1)
     summed = ops.op("Concat", gather_tokens(ops, a_x, stay), b_x, axis=1)
     new_x = ops.op("Div", summed, ops.op("Unsqueeze", ops.op("Max", new_size, ops.f32(1e-6)), ops.i64(-1)))
     new_positions = ops.op("Concat", ops.op("GatherElements", a_pos, stay, axis=1), b_pos, axis=1)
-    new_index = _new_index(ops, positions, stay, src, dst, stay_count, ops.dim(b_key, 1))
+    new_index = _new_index(ops, positions, stay, src, dst, stay_count)
     count = ops.op("Sub", ops.dim(x, 1), merges)
     # ``order``: indices of the new tokens in the previous set (a merged B token counts as its B self)
     kept_prev = ops.op("Concat", ops.op("Mul", stay, ops.i64(2)),
@@ -142,15 +143,13 @@ def _arange_like(ops: Ops, rows: ir.Value) -> ir.Value:
     return base_positions(ops, ops.op("Unsqueeze", rows, ops.i64(-1)))
 
 
-def _new_index(ops: Ops, positions, stay, src, dst, stay_count, nb) -> ir.Value:
+def _new_index(ops: Ops, positions, stay, src, dst, stay_count) -> ir.Value:
     """``[B, N]``: where every current token goes (its own slot, or its B partner's)."""
-    a_index = ops.op("ConstantOfShape", ops.op("Shape", ops.op("Slice", positions, ops.i64(0), ops.i64(_INT_MAX),
-                                                                 ops.i64(1), ops.i64(2))),
-                     value=ir.tensor(np.array([0], np.int64)))
+    a_rows, b_rows = _halves(ops, positions)
+    a_index = ops.op("Mul", a_rows, ops.i64(0))  # zeros shaped like the A half
     a_index = ops.op("ScatterElements", a_index, stay, _arange_like(ops, stay), axis=1)
     a_index = ops.op("ScatterElements", a_index, src, ops.op("Add", dst, stay_count), axis=1)
-    b_index = ops.op("Add", _arange_like(ops, ops.op("Slice", positions, ops.i64(1), ops.i64(_INT_MAX),
-                                                      ops.i64(1), ops.i64(2))), stay_count)
+    b_index = ops.op("Add", _arange_like(ops, b_rows), stay_count)
     slots = _arange_like(ops, positions)
     even, odd = _halves(ops, slots)
     index = ops.op("ScatterElements", ops.op("Mul", slots, ops.i64(0)), even, a_index, axis=1)
