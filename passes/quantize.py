@@ -1,11 +1,12 @@
-"""The ``quantize`` pass: int8 weights for every MatMul/Gemm with a constant weight.
+"""The ``quantize`` pass: int8 or int4 weights for every MatMul/Gemm with a constant weight.
 
 Modes:
 - ``dynamic``: int8 weights per output channel; activations are quantized at run time per
   tensor (the lowering picks the kernel; on ``ort-cpu`` DynamicQuantizeMatMul);
 - ``w8``, ``w4``: weight-only int8 / int4, per output channel (``block=0``) or per block of
   32/64/128 input rows (``block``), with an AWQ-style activation-aware scale search and, for
-  ``w4``, a search of each block's clipping ratio (``clip``); activations stay float
+  ``w4``, a search of each block's clipping ratio (``clip``), optionally GPTQ error
+  compensation (``gptq``, ``passes.quantize_gptq``); activations stay float
   (``passes.quantize_wonly``, ``passes.quantize_block``);
 - ``w8a8``: int8 weights and static per-tensor symmetric int8 activations, the activation
   scale from calibration (the ``percentile`` of |x|, or of |x/s| after smoothing).
@@ -14,8 +15,8 @@ Accuracy aids, both decided per group of sites reading the same activation from 
 statistics (``optimizer.calibrate``):
 - ``outliers``: input channels whose calibrated maximum passes ``outliers`` x the median
   channel's stay in float when an upstream matmul makes that free (``passes.quantize_split``);
-  not in ``w8``, whose activations are float anyway;
-- ``smooth``: SmoothQuant scaling (AWQ-style for ``w8``) with the migration strength that
+  not in ``w8``/``w4``, whose activations are float anyway;
+- ``smooth``: SmoothQuant scaling (AWQ-style for ``w8``/``w4``) with the migration strength that
   minimises the simulated error on calibration rows, only where it helps
   (``passes.quantize_math``).
 Which sites: all of ``passes.quantize_sites`` except the ``skip`` words (head, embeddings,
