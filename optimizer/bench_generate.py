@@ -43,7 +43,7 @@ def bench_generation(spec, carve: System, baseline: System, want_hf: bool, runs:
     tok = spec.tokenizer()
     prompt, prompt_text = _prompt(tok, prompt_tokens)
     cached = _cached_system(artifact, prompt, new_tokens, threads, carve)
-    stepped = [_recompute("ort-fp32", baseline)] + ([] if cached is not None else [_recompute("carve", carve)])
+    stepped = ([] if cached is not None else [_recompute("carve", carve)]) + [_recompute("ort-fp32", baseline)]
     whole: list[System] = [cached] if cached is not None else []
     if want_hf:
         with progress.step("loading the Hugging Face model for generate()"):
@@ -56,8 +56,9 @@ def bench_generation(spec, carve: System, baseline: System, want_hf: bool, runs:
             s.outputs = s.run()
         for r in range(runs):
             _round(ready, calls, prompt, new_tokens, hf_first=r % 2 == 1)
+    table = sorted(stepped + whole, key=lambda s: ["carve", "ort-fp32", "hf-generate"].index(s.name))
     return {"prompt": prompt_text, "prompt_tokens": int(prompt.shape[1]), "new_tokens": new_tokens, "runs": runs,
-            "rows": _rows(stepped + whole, new_tokens)}
+            "rows": _rows(table, new_tokens)}
 
 
 def _prompt(tok, prompt_tokens: int | None) -> tuple[np.ndarray, str]:

@@ -168,3 +168,14 @@ def test_damaged_artifact_is_one_line(capsys, tmp_path):
         handle.write(b"tampered")
     code, out, err = run_cli(capsys, "bench", art)
     assert code == 2 and out == "" and "sha256" in err and len(err.strip().splitlines()) == 1
+
+
+def test_cached_decoder_generates_through_its_cache(tmp_path):
+    import optimizer
+
+    art = optimizer.optimize("tiny-llama", passes=["kv_cache"], output=tmp_path / "kv")
+    result = bench(art.path, seq=16, runs=1, peers="carve", new_tokens=6, prompt_tokens=12)
+    gen = {row["system"]: row for row in result["generation"]["rows"]}
+    assert result["generation"]["prompt_tokens"] == 12 and result["generation"]["new_tokens"] == 6
+    assert gen["carve"]["token_match"] == 1.0 and "KV cache" in gen["carve"]["note"]
+    assert rows_by_name(result)["carve"]["accuracy"]["top1_agreement"] == 1.0  # the prefill equals the trace
