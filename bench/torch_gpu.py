@@ -9,7 +9,7 @@ Encoders (``minilm``: batch x 128 tokens; ``vit-s``: batch x 224x224 images) rep
 the decoder (``smollm2-135m``) reports prefill time and decode tokens/s with a KV cache
 (``bench/torch_gpu_decode.py``). Systems per model: the Hugging Face / torch module in eager
 mode and under ``torch.compile`` (``hf-eager``, ``hf-compile``), and carve's torch-target
-artifacts, fp32 and optimized (``--passes``), each eager and compiled. On CUDA the optimized
+artifacts, fp32 and optimized (``--pass MODEL=SPEC``), each eager and compiled. On CUDA the optimized
 artifacts' quantized matmuls run ``torch._int_mm`` (``runtime.torch_backend``, ``matmul=auto``).
 
 Every system is built, run once, warmed up, then timed round-robin (run i of every system,
@@ -65,7 +65,7 @@ def artifact(name: str, passes: list[str], out: Path):
 
 
 def encoder_systems(name: str, passes: list[str], device: torch.device, batch: int, seq: int, work: Path,
-                    compile_: bool) -> tuple[dict, dict]:
+                    backend: str | None) -> tuple[dict, dict]:
     """name -> call returning the main output (device tensor), and the inputs used."""
     import runtime
     from models import registry
@@ -83,12 +83,12 @@ def encoder_systems(name: str, passes: list[str], device: torch.device, batch: i
         return call
 
     systems = {"hf-eager": hf(module)}
-    if compile_:
-        systems["hf-compile"] = hf(torch.compile(module))
+    if backend:
+        systems["hf-compile"] = hf(torch.compile(module, backend=backend))
     for label, specs in (("carve-fp32", ["cleanup"]), ("carve-opt", passes)):
         path = artifact(name, specs, work / f"{name}-{label}").path
-        for compiled in (False, True) if compile_ else (False,):
-            session = runtime.load(path, device=str(device), compile=compiled)
+        for compiled in (None, backend) if backend else (None,):
+            session = runtime.load(path, device=str(device), compile=compiled or False)
             output = session.outputs[main]["name"]
             systems[label + ("-compile" if compiled else "")] = (
                 lambda s=session, o=output: s.run_torch(feeds, outputs=[o])[o])
@@ -104,7 +104,7 @@ def bench_encoder(name: str, args, work: Path) -> dict:
     device = torch.device(args.device)
     batch = args.batch or 8
     systems, _ = encoder_systems(name, args.passes.get(name, DEFAULT_PASSES[name]), device, batch, args.seq, work,
-                                 not args.no_compile)
+                                 None if args.no_compile else args.compile_backend)
     reference = systems["hf-eager"]()
     agreement = {n: cosine(reference, run()) for n, run in systems.items()}
     times = interleave(systems, args.runs, args.warmup, device)
@@ -141,6 +141,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="passes for MODEL's optimized artifact (repeatable, in order); defaults: "
                         + "; ".join(f"{k}: {', '.join(v)}" for k, v in DEFAULT_PASSES.items()))
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
+    p.add_argument("--compile-backend", default="inductor",
+                   help="torch.compile backend for the compile rows (default inductor; aot_eager for quick CPU checks)")
     p.add_argument("--threads", type=int, help="torch intra-op threads (CPU runs; default: torch's own)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     args = p.parse_args(argv)

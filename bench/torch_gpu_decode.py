@@ -72,7 +72,7 @@ def carve_decoder(session, ids: torch.Tensor, new_tokens: int, device: torch.dev
 
 
 def decoder_systems(name: str, passes: list[str], device: torch.device, ids: torch.Tensor, new_tokens: int,
-                    work: Path, compile_: bool) -> dict[str, Decode]:
+                    work: Path, backend: str | None) -> dict[str, Decode]:
     import runtime
     from models.smollm2 import load_causal_lm
 
@@ -82,12 +82,12 @@ def decoder_systems(name: str, passes: list[str], device: torch.device, ids: tor
     except (AttributeError, ValueError):
         pass
     systems = {"hf-eager": hf_decoder(lm, ids, new_tokens, device)}
-    if compile_:
-        systems["hf-compile"] = hf_decoder(torch.compile(lm, dynamic=True), ids, new_tokens, device)
+    if backend:
+        systems["hf-compile"] = hf_decoder(torch.compile(lm, dynamic=True, backend=backend), ids, new_tokens, device)
     for label, specs in (("carve-kv-fp32", ["kv_cache:max_positions=1024"]), ("carve-kv-opt", passes)):
         path = artifact(name, specs, work / f"{name}-{label}").path
-        for compiled in (False, True) if compile_ else (False,):
-            session = runtime.load(path, device=str(device), compile=compiled)
+        for compiled in (None, backend) if backend else (None,):
+            session = runtime.load(path, device=str(device), compile=compiled or False)
             systems[label + ("-compile" if compiled else "")] = carve_decoder(session, ids, new_tokens, device)
     return systems
 
@@ -96,7 +96,7 @@ def bench_decoder(name: str, args, work: Path) -> dict:
     device = torch.device(args.device)
     ids = torch.randint(100, 49000, (1, args.prompt), generator=torch.Generator().manual_seed(0)).to(device)
     systems = decoder_systems(name, args.passes.get(name, DEFAULT_PASSES[name]), device, ids, args.new_tokens, work,
-                              not args.no_compile)
+                              None if args.no_compile else args.compile_backend)
     for _ in range(max(1, args.warmup)):
         first = {n: run() for n, run in systems.items()}
     prefill: dict[str, list[float]] = {n: [] for n in systems}
