@@ -54,6 +54,7 @@ from optimizer.structure import require_blocks
 from passes import prune_tokens_plan as plan
 from passes.prune_tokens_build import build_merge, build_prune
 from passes.prune_tokens_flops import flops_table
+from passes.prune_tokens_ops import fill_types
 
 
 @register
@@ -94,6 +95,7 @@ class PruneTokens(Pass):
         build = build_merge if opts.mode == "merge" else build_prune
         details = build(model, model_map, opts, ctx.target)
         model.graph.sort()
+        fill_types(model.graph)
         common.RemoveUnusedNodesPass()(model)
         details["flops"] = flops_table(model_map, model, details.pop("tokens_per_block"), before)
         return PassResult(model=model, sites=len(details["stages"]), details=details)

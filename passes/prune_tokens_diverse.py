@@ -25,7 +25,7 @@ _UNSET, _PADDING, _PICKED, _PROTECTED = 1.0e4, -2.0, -3.0, 2.0e4
 def distances(ops: Ops, x: ir.Value) -> ir.Value:
     """``[batch, N, N]`` cosine distances between the tokens of ``x`` ``[batch, N, hidden]``."""
     norm = ops.op("ReduceL2", x, ops.i64(-1), keepdims=1)
-    unit = ops.op("Div", x, ops.op("Max", norm, ops.f32(1e-12)))
+    unit = ops.op("Div", x, ops.op("Max", norm, ops.f32(1e-6)))
     similarity = ops.op("MatMul", unit, ops.op("Transpose", unit, perm=[0, 2, 1]))
     return ops.op("Sub", ops.f32(1.0), similarity)
 
@@ -56,7 +56,7 @@ def _body(outer: Ops, dist: ir.Value, positions: ir.Value) -> ir.Graph:
     cond = ir.Value(name=outer.name("div_cond"), type=ir.TensorType(ir.DataType.BOOL), shape=ir.Shape([]))
     state = ir.Value(name=outer.name("div_state"), type=ir.TensorType(ir.DataType.FLOAT))
     graph = ir.Graph([step, cond, state], [], nodes=[], name=outer.name("divprune_body"))
-    ops = Ops(graph, outer.prefix, outer.taken)
+    ops = Ops(graph, outer.prefix, outer.taken, body=True)
     pick = ops.op("ArgMax", state, axis=1, keepdims=1)  # [B, 1]: protected first, then farthest
     rows = ops.op("GatherElements", dist, ops.op("Expand", ops.op("Unsqueeze", pick, ops.i64(-1)),
                                                   ops.op("Concat", ops.op("Shape", pick), ops.dim(dist, 2), axis=0)),

@@ -4,7 +4,7 @@ In each block from ``after`` on, between the attention and the MLP (the map's ML
 current tokens are split alternately into A (even) and B (odd); every A token is matched to its
 most similar B token by cosine of the block's attention keys (averaged over heads); the ``r``
 best-matched A tokens are merged into their B partners by size-weighted averages (``x * size``
-summed with ScatterElements ``reduction=add``, divided by the summed size), the other A tokens
+summed into their partners, divided by the summed size), the other A tokens
 stay. Order: the kept A tokens (ascending), then B; the CLS (protected, never merged) stays first.
 ``r`` is clamped per block so that at least the protected tokens and one B token remain.
 
@@ -26,7 +26,7 @@ import onnx_ir as ir
 
 from passes import prune_tokens_plan as plan
 from passes.prune_tokens_build import kept_dim, regions, taken_names, values_by_name
-from passes.prune_tokens_ops import Ops, gather_tokens
+from passes.prune_tokens_ops import Ops, gather_tokens, scatter_add
 from passes.prune_tokens_restore import proportional_attention, reroute_readers
 from passes.prune_tokens_scores import BIG, sort_ascending
 from passes.prune_tokens_side import Region, reroute, retag
@@ -59,7 +59,7 @@ def merge_blocks(model: ir.Model, model_map: Any, opts: Any, target: str) -> dic
         r = opts.r if n is None else min(opts.r, (n + 1) // 2 - max(opts.protect, 1))
         if r < 1:
             break
-        merged = _merge(ops, x, values[block.attention.k], size, positions, r, block.attention.heads, opts.protect)
+        merged = _merge(ops, x, values[block.attention.k], size, positions, (r, n), block.attention.heads, opts.protect)
         n = None if n is None else n - r
         dim = kept_dim(tokens.dim, n, i)
         fresh = {id(v) for node in ops.nodes for v in node.outputs}
@@ -95,10 +95,13 @@ def _halves(ops: Ops, value: ir.Value) -> tuple[ir.Value, ir.Value]:
 def _metric(ops: Ops, keys: ir.Value, heads: int | None) -> ir.Value:
     if heads:
         keys = ops.op("ReduceMean", ops.op("Reshape", keys, ops.i64(0, 0, heads, -1)), ops.i64(2), keepdims=0)
-    return ops.op("Div", keys, ops.op("Max", ops.op("ReduceL2", keys, ops.i64(-1), keepdims=1), ops.f32(1e-12)))
+    return ops.op("Div", keys, ops.op("Max", ops.op("ReduceL2", keys, ops.i64(-1), keepdims=1), ops.f32(1e-6)))
 
 
-def _merge(ops: Ops, x, keys, size, positions, r: int, heads: int | None, protect: int) -> dict[str, ir.Value]:
+def _merge(ops: Ops, x, keys, size, positions, counts: tuple[int, int | None], heads: int | None,
+           protect: int) -> dict[str, ir.Value]:
+    """One ToMe step; ``counts`` is (r, the static token count or None)."""
+    r, n = counts
     a_key, b_key = _halves(ops, _metric(ops, keys, heads))
     scores = ops.op("MatMul", a_key, ops.op("Transpose", b_key, perm=[0, 2, 1]))  # [B, Na, Nb]
     a_size, b_size = _halves(ops, size)
@@ -111,26 +114,27 @@ def _merge(ops: Ops, x, keys, size, positions, r: int, heads: int | None, protec
         scores = ops.op("Where", ops.op("Unsqueeze", guarded, ops.i64(2)), ops.f32(-2 * BIG), scores)
     best = ops.op("ReduceMax", scores, ops.i64(2), keepdims=0)
     partner = ops.op("ArgMax", scores, axis=2, keepdims=0)
-    na = ops.dim(a_key, 1)
+    if n is not None:  # constants, so that TensorRT's TopK gets a build-time K
+        na, merges, stay_count = ops.i64((n + 1) // 2), ops.i64(r), ops.i64((n + 1) // 2 - r)
+    else:  # a short sequence merges fewer: the protected tokens and one A token stay
+        na = ops.dim(a_key, 1)
+        merges = ops.op("Max", ops.op("Min", ops.i64(r), ops.op("Sub", na, ops.i64(max(protect, 1)))), ops.i64(0))
+        stay_count = ops.op("Sub", na, merges)
     _, order = ops.op("TopK", best, na, axis=1, largest=1, sorted=1, outputs=2)
-    # a short sequence (symbolic N) merges fewer: the protected tokens and one A token stay
-    merges = ops.op("Max", ops.op("Min", ops.i64(r), ops.op("Sub", na, ops.i64(max(protect, 1)))), ops.i64(0))
     src = ops.op("Slice", order, ops.i64(0), merges, ops.i64(1))
-    stay_count = ops.op("Sub", na, merges)
     stay = sort_ascending(ops, ops.op("Slice", order, merges, ops.i64(_INT_MAX), ops.i64(1)), stay_count)
     dst = ops.op("GatherElements", partner, src, axis=1)
     weighted = ops.op("Mul", x, ops.op("Unsqueeze", size, ops.i64(-1)))
     a_x, b_x = _halves(ops, weighted)
     moving = gather_tokens(ops, a_x, src)
-    wide = ops.op("Expand", ops.op("Unsqueeze", dst, ops.i64(-1)), ops.op("Shape", moving))
-    b_x = ops.op("ScatterElements", b_x, wide, moving, axis=1, reduction="add")
-    b_size = ops.op("ScatterElements", b_size, dst, ops.op("GatherElements", a_size, src, axis=1), axis=1, reduction="add")
+    b_x = scatter_add(ops, b_x, dst, moving, vectors=True)
+    b_size = scatter_add(ops, b_size, dst, ops.op("GatherElements", a_size, src, axis=1), vectors=False)
     new_size = ops.op("Concat", ops.op("GatherElements", a_size, stay, axis=1), b_size, axis=1)
     summed = ops.op("Concat", gather_tokens(ops, a_x, stay), b_x, axis=1)
     new_x = ops.op("Div", summed, ops.op("Unsqueeze", ops.op("Max", new_size, ops.f32(1e-6)), ops.i64(-1)))
     new_positions = ops.op("Concat", ops.op("GatherElements", a_pos, stay, axis=1), b_pos, axis=1)
     new_index = _new_index(ops, positions, stay, src, dst, stay_count)
-    count = ops.op("Sub", ops.dim(x, 1), merges)
+    count = ops.i64(n - r) if n is not None else ops.op("Sub", ops.dim(x, 1), merges)
     # ``order``: indices of the new tokens in the previous set (a merged B token counts as its B self)
     kept_prev = ops.op("Concat", ops.op("Mul", stay, ops.i64(2)),
                        ops.op("Add", ops.op("Mul", _arange_like(ops, b_pos), ops.i64(2)), ops.i64(1)), axis=1)

@@ -26,8 +26,8 @@ from runtime.errors import PassError
 class Ops:
     """Appends nodes to ``graph`` with names ``{prefix}_{op}_{n}``; ``taken`` holds the names in use."""
 
-    def __init__(self, graph: ir.Graph, prefix: str, taken: set[str]):
-        self.graph, self.prefix, self.taken = graph, prefix, taken
+    def __init__(self, graph: ir.Graph, prefix: str, taken: set[str], body: bool = False):
+        self.graph, self.prefix, self.taken, self.body = graph, prefix, taken, body
         self.nodes: list[ir.Node] = []
 
     def name(self, base: str) -> str:
@@ -48,9 +48,17 @@ class Ops:
         return node.outputs[0] if outputs == 1 else tuple(node.outputs)
 
     def const(self, array: Any, base: str = "const") -> ir.Value:
-        """A Constant node holding ``array`` (kept as a node so that Loop bodies can use it too)."""
+        """A typed initializer holding ``array`` (a Constant node inside a Loop body), so that
+        lowerings that retype constants (TensorRT's fp16) see its type."""
         array = np.asarray(array)
-        return self.op("Constant", value=ir.tensor(array, name=self.name(base)))
+        name = self.name(base)
+        if self.body:
+            value = self.op("Constant", value=ir.tensor(array, name=name))
+        else:
+            value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
+            self.graph.register_initializer(value)
+        value.dtype, value.shape = ir.DataType.from_numpy(array.dtype), ir.Shape(array.shape)
+        return value
 
     def i64(self, *values: int) -> ir.Value:
         return self.const(np.array(values, dtype=np.int64), "i64")
@@ -85,6 +93,22 @@ def scatter_tokens(ops: Ops, full: ir.Value, idx: ir.Value, x: ir.Value) -> ir.V
     return ops.op("ScatterElements", full, wide, x, axis=1)
 
 
+def scatter_add(ops: Ops, base: ir.Value, index: ir.Value, updates: ir.Value, vectors: bool) -> ir.Value:
+    """``base`` (``[batch, M]`` or ``[batch, M, hidden]``) plus ``updates`` (``[batch, R]`` or
+    ``[batch, R, hidden]``) summed into rows ``index`` (``[batch, R]``). Written as a one-hot
+    MatMul rather than ScatterElements ``reduction=add``, which ONNX Runtime's CPU kernels lack
+    in float16 (TensorRT's fp16 graphs) and which costs nothing extra at these sizes."""
+    zero = ops.const(np.array(0, dtype=np.int64))
+    one = ops.const(np.array(1, dtype=np.int64))
+    rows = ops.op("Range", zero, ops.op("Squeeze", ops.dim(base, 1), ops.i64(0)), one)  # [M]
+    hits = ops.op("Equal", ops.op("Unsqueeze", index, ops.i64(-1)), ops.op("Unsqueeze", rows, ops.i64(0, 1)))
+    onehot = ops.op("Transpose", ops.op("Cast", hits, to=ir.DataType.FLOAT), perm=[0, 2, 1])  # [B, M, R]
+    if vectors:  # [batch, R, hidden] updates
+        return ops.op("Add", base, ops.op("MatMul", onehot, updates))
+    summed = ops.op("MatMul", onehot, ops.op("Unsqueeze", updates, ops.i64(-1)))
+    return ops.op("Add", base, ops.op("Squeeze", summed, ops.i64(-1)))
+
+
 def take(ops: Ops, value: ir.Value, idx: ir.Value, axes: list[int]) -> ir.Value:
     """``value`` gathered with the per-row indices ``idx`` on each of ``axes`` (see module doc)."""
     shape = value.shape
@@ -111,3 +135,36 @@ def _take_axis(ops: Ops, value: ir.Value, idx: ir.Value, axis: int, rank: int) -
         pieces.append(ops.op("Shape", value, start=axis + 1))
     target = ops.op("Concat", *pieces, axis=0)
     return ops.op("GatherElements", value, ops.op("Expand", placed, target), axis=axis)
+
+
+_BOOLEAN = {"Equal", "Less", "LessOrEqual", "Greater", "GreaterOrEqual", "And", "Or", "Not", "IsNaN"}
+_INDEX = {"Shape", "Size", "ArgMax", "ArgMin", "NonZero"}
+_DATA_INPUT = {"Where": 1}  # which input carries the output type (default: the first)
+
+
+def fill_types(graph: ir.Graph) -> None:
+    """Give every untyped node output its element type (the new nodes carry none): lowerings that
+    retype a graph (TensorRT's fp16) decide node by node from these types. Run after sorting."""
+    for node in graph:
+        for index, value in enumerate(node.outputs):
+            if value.dtype is None:
+                value.dtype = _output_type(node, index)
+
+
+def _output_type(node: ir.Node, index: int) -> ir.DataType | None:
+    op = node.op_type
+    if op in _BOOLEAN:
+        return ir.DataType.BOOL
+    if op in _INDEX or (op == "TopK" and index == 1):
+        return ir.DataType.INT64
+    if op == "Cast":
+        return ir.DataType(node.attributes["to"].as_int())
+    if op in ("Constant", "ConstantOfShape") and "value" in node.attributes:
+        return node.attributes["value"].as_tensor().dtype
+    if op == "ConstantOfShape":
+        return ir.DataType.FLOAT
+    if op == "Loop":  # state outputs follow the state inputs; our scan output is indices
+        states = node.inputs[2:]
+        return states[index].dtype if index < len(states) else ir.DataType.INT64
+    source = node.inputs[_DATA_INPUT.get(op, 0)] if node.inputs else None
+    return source.dtype if source is not None else None

@@ -93,6 +93,9 @@ def tokens_of(graph: ir.Graph, model_map: Any, first: ir.Value, target: str) -> 
                         f"token axis {model_map.token_axis}; it supports batch-first transformers only.")
     dim = first.shape[1]
     token = TokenDim(None, dim) if isinstance(dim, int) else TokenDim(dim.value, None)
+    if target == "tensorrt" and token.size is None:
+        raise PassError(f"TensorRT's TopK needs a constant K, and this model's token count is symbolic "
+                        f"({token.symbol}); trace it with a static sequence length, or prune for ort-cpu.")
     if target == "tensorrt" and token.size is not None and token.size > TOPK_LIMIT:
         raise PassError(f"TensorRT's TopK takes K <= {TOPK_LIMIT}, and this model has {token.size} tokens; prune it "
                         "for another target, or give it fewer tokens.")

@@ -21,7 +21,7 @@ from typing import Any
 
 import onnx_ir as ir
 
-from passes.prune_tokens_ops import Ops, scatter_tokens
+from passes.prune_tokens_ops import Ops, scatter_add, scatter_tokens
 from runtime.errors import PassError
 
 _PER_TOKEN = {
@@ -93,7 +93,7 @@ def nearest_kept(ops: Ops, tokens: ir.Value, kept: ir.Value) -> ir.Value:
     """``[batch, N]``: for every token of ``tokens``, the index of the most similar (cosine) of
     ``kept`` (kept tokens find themselves)."""
     def unit(x: ir.Value) -> ir.Value:
-        return ops.op("Div", x, ops.op("Max", ops.op("ReduceL2", x, ops.i64(-1), keepdims=1), ops.f32(1e-12)))
+        return ops.op("Div", x, ops.op("Max", ops.op("ReduceL2", x, ops.i64(-1), keepdims=1), ops.f32(1e-6)))
 
     similarity = ops.op("MatMul", unit(tokens), ops.op("Transpose", unit(kept), perm=[0, 2, 1]))
     return ops.op("ArgMax", similarity, axis=2, keepdims=0)
@@ -130,11 +130,11 @@ def proportional_attention(ops: Ops, model_map: Any, sizes: dict[int, ir.Value])
         if softmax is None:
             raise PassError(f"prune_tokens adds log(size) to the attention scores of block {index}, which has no "
                             "Softmax (fused attention); use fill=last (no proportional attention) or another mode.")
-        bias = ops.op("Unsqueeze", ops.op("Log", ops.op("Max", size, ops.f32(1e-30))), ops.i64(1, 2))
+        bias = ops.op("Unsqueeze", ops.op("Log", ops.op("Max", size, ops.f32(1e-6))), ops.i64(1, 2))
         softmax.replace_input_with(0, ops.op("Add", softmax.inputs[0], bias))
 
 
 def represented(ops: Ops, token_map: ir.Value, weights: ir.Value, kept: ir.Value) -> ir.Value:
     """``[batch, K]``: how many original tokens (weighted: padding 0) each kept token stands for."""
     zeros = ops.op("Mul", ops.op("Cast", kept, to=ir.DataType.FLOAT), ops.f32(0.0))
-    return ops.op("ScatterElements", zeros, token_map, weights, axis=1, reduction="add")
+    return scatter_add(ops, zeros, token_map, weights, vectors=False)

@@ -56,7 +56,7 @@ def pagerank_scores(ops: Ops, probs: ir.Value, valid: ir.Value | None, iteration
 def frame_change(ops: Ops, x: ir.Value, previous: ir.Value) -> ir.Value:
     dot = ops.op("ReduceSum", ops.op("Mul", x, previous), ops.i64(-1), keepdims=0)
     norms = ops.op("Mul", _norm(ops, x), _norm(ops, previous))
-    cosine = ops.op("Div", dot, ops.op("Max", norms, ops.f32(1e-12)))
+    cosine = ops.op("Div", dot, ops.op("Max", norms, ops.f32(1e-6)))
     return ops.op("Sub", ops.f32(1.0), cosine)
 
 
@@ -90,7 +90,7 @@ def count_of(ops: Ops, tokens: ir.Value, ratio: float, n: int | None) -> ir.Valu
 
 def select_static(ops: Ops, scores: ir.Value, count: ir.Value) -> ir.Value:
     """Indices ``[batch, K]`` of the K best tokens, in ascending order."""
-    _, best = ops.op("TopK", scores, count, axis=1, largest=1, sorted=0, outputs=2)
+    _, best = ops.op("TopK", scores, count, axis=1, largest=1, sorted=1, outputs=2)  # TensorRT has no sorted=0
     return sort_ascending(ops, best, count)
 
 
@@ -116,4 +116,4 @@ def relative_to_mean(ops: Ops, scores: ir.Value, valid: ir.Value | None) -> ir.V
         weights = ops.op("Cast", valid, to=ir.DataType.FLOAT)
         total = ops.op("ReduceSum", ops.op("Mul", scores, weights), ops.i64(1), keepdims=1)
         mean = ops.op("Div", total, ops.op("Max", ops.op("ReduceSum", weights, ops.i64(1), keepdims=1), ops.f32(1.0)))
-    return ops.op("Div", scores, ops.op("Max", mean, ops.f32(1e-12)))
+    return ops.op("Div", scores, ops.op("Max", mean, ops.f32(1e-6)))
