@@ -67,7 +67,23 @@ def run_optimize(model_or_path, example_inputs=None, passes=None, target="ort-cp
             "source": source.info, "family": source.family, "target": target,
             "passes": [r.to_json() for r in records], "lowering": lowering,
         }, extra_files=tokenizer_files(source))
+    _build_engines(artifact, target, progress)
     return Optimized(artifact, source, records, original)
+
+
+def _build_engines(artifact: Artifact, target: str, progress: Progress) -> None:
+    """TensorRT targets get their engines built into the artifact where TensorRT is installed
+    (elsewhere the lowering already said how to build them later)."""
+    if not target.startswith("tensorrt"):
+        return
+    from optimizer.lower.tensorrt import tensorrt_available
+
+    if tensorrt_available():
+        from optimizer.lower.tensorrt_build import build_engines
+
+        with progress.step("building TensorRT engines"):
+            build_engines(artifact.path)
+        artifact.manifest = Artifact.open(artifact.path).manifest
 
 
 def _plan(passes, recipe, target) -> tuple[list[PassSpec], str]:
