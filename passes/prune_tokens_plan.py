@@ -27,6 +27,8 @@ def validate(opts: Any) -> None:
         if any(b > a for a, b in zip(opts.schedule, opts.schedule[1:])):
             raise PassError("a prune_tokens schedule must not grow from one block to the next (dropped tokens do not come "
                             "back); make it non-increasing.")
+    if opts.schedule is not None and opts.after is not None:
+        raise PassError("prune_tokens takes a schedule (one ratio per block) or after=k with keep=r, not both; drop one.")
     if opts.after is not None and opts.after < 0:
         raise PassError(f"prune_tokens after={opts.after} is not a block index; give after >= 0.")
     if opts.threshold is not None and (opts.mode in ("diverse", "merge") or opts.threshold <= 0):

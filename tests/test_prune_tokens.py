@@ -207,6 +207,7 @@ def test_frames_drop_unchanged_tokens_and_keep_the_moving_one(traced):
     ({"mode": "diverse", "threshold": "0.5"}, "threshold needs mode"),
     ({"mode": "merge"}, "needs r >= 1"),
     ({"mode": "frames", "schedule": "1+1+0.5+0.5"}, "use after=k"),
+    ({"schedule": "1+1+0.5+0.5", "after": "1"}, "not both"),
 ])
 def test_bad_options(traced, options, needle):
     with pytest.raises(PassError, match=needle):
