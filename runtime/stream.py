@@ -1,14 +1,16 @@
 """Running a stream of inputs with reuse across calls: the feature cache's state and an exact-input cache.
 
-``StreamSession(session)`` wraps a loaded artifact. When the artifact was made with the
-``feature_cache`` pass, it feeds each call the state the previous call returned (the last
-computed residual and outputs), so calls whose input barely changed skip the model after the
-first block; ``recomputed``/``calls`` count how often the rest ran. With ``exact=N`` it also keeps
+``StreamSession(session)`` wraps a loaded artifact and feeds each call the state the previous
+call returned: for the ``feature_cache`` pass the last computed residual and outputs (calls whose
+input barely changed skip the model after the first block; ``recomputed``/``calls`` count how
+often the rest ran), for ``prune_tokens:mode=frames`` the previous frame's token features
+(tokens that did not change are dropped). With ``exact=N`` it also keeps
 the outputs of the last N distinct inputs, keyed by a hash of the feeds, so an input seen before
 (the same image) returns its outputs without running anything.
 
-A plain ``Session.run`` of a feature-cache artifact gets zero state (``stateless_feeds``), which
-always recomputes: the first call of a stream, ``carve run`` and ``carve eval`` are exact.
+A plain ``Session.run`` of such an artifact gets zero state (``stateless_feeds``): the feature
+cache then recomputes and the frames criterion counts every token as changed, so the first call
+of a stream, ``carve run`` and ``carve eval`` see the whole model.
 """
 
 from __future__ import annotations
@@ -23,20 +25,25 @@ RESIDUAL_IN = "feature_cache.residual"
 RESIDUAL_OUT = "feature_cache.next_residual"
 RECOMPUTED = "feature_cache.recomputed"
 PREVIOUS = "feature_cache.previous."
+FRAME_IN, FRAME_OUT = "prune_tokens_previous_frame", "prune_tokens_frame_features"
+
+
+def _is_state(name: str) -> bool:
+    return name in (RESIDUAL_IN, FRAME_IN) or name.startswith(PREVIOUS)
 
 
 def has_state(inputs: list[dict]) -> bool:
-    return any(spec["name"] == RESIDUAL_IN for spec in inputs)
+    return any(_is_state(spec["name"]) for spec in inputs)
 
 
 def stateless_feeds(inputs: list[dict], feeds: dict) -> dict:
     """``feeds`` plus zero state where the artifact wants state and none was given."""
-    if not has_state(inputs) or RESIDUAL_IN in feeds:
+    if not has_state(inputs) or any(_is_state(name) for name in feeds):
         return dict(feeds)
     sizes = _symbol_sizes(inputs, feeds)
     out = dict(feeds)
     for spec in inputs:
-        if spec["name"] == RESIDUAL_IN or spec["name"].startswith(PREVIOUS):
+        if _is_state(spec["name"]):
             shape = [d if isinstance(d, int) else sizes.get(d, 1) for d in spec["shape"] or []]
             out[spec["name"]] = np.zeros(shape, np.dtype(spec["dtype"]))
     return out
@@ -56,7 +63,8 @@ class StreamSession:
     def __init__(self, session: Any, exact: int = 0):
         self.session, self.exact = session, exact
         self.stateful = has_state(session.inputs)
-        self.outputs = [o["name"] for o in session.outputs if not o["name"].startswith("feature_cache.")]
+        self.outputs = [o["name"] for o in session.outputs
+                        if not o["name"].startswith("feature_cache.") and o["name"] != FRAME_OUT]
         self.state: dict[str, np.ndarray] = {}
         self.calls = self.recomputed = self.exact_hits = 0
         self._seen: OrderedDict[bytes, dict] = OrderedDict()
@@ -79,10 +87,15 @@ class StreamSession:
         if not self.stateful:
             self.recomputed += 1
             return self.session.run(feeds, self.outputs)
-        same_shape = self.state and self.state[RESIDUAL_IN].shape[0] == np.shape(next(iter(feeds.values())))[0]
+        batch = np.shape(next(iter(feeds.values())))[0]
+        same_shape = bool(self.state) and all(v.shape[0] == batch for v in self.state.values())
         outs = self.session.run({**feeds, **(self.state if same_shape else {})})
-        self.recomputed += bool(outs[RECOMPUTED])
-        self.state = {RESIDUAL_IN: outs[RESIDUAL_OUT], **{PREVIOUS + n: outs[n] for n in self.outputs}}
+        self.recomputed += bool(outs.get(RECOMPUTED, True))
+        self.state = {}
+        if RESIDUAL_OUT in outs:
+            self.state.update({RESIDUAL_IN: outs[RESIDUAL_OUT], **{PREVIOUS + n: outs[n] for n in self.outputs}})
+        if FRAME_OUT in outs:
+            self.state[FRAME_IN] = outs[FRAME_OUT]
         return {n: outs[n] for n in self.outputs}
 
     def reset(self) -> None:

@@ -112,3 +112,18 @@ def test_auto_needs_images(tmp_path):
 def test_no_blocks(tmp_path, tiny_onnx):
     with pytest.raises(PassError, match="no blocks"):
         optimizer.optimize(str(tiny_onnx), passes=["feature_cache:threshold=0.1"], output=tmp_path / "n")
+
+
+def test_stream_carries_the_frames_state(tmp_path):
+    art = optimizer.optimize("tiny-vit", passes=["prune_tokens:mode=frames,keep=0.25,after=1"], output=tmp_path / "f")
+    session = runtime.load(art.path)
+    stream = StreamSession(session)
+    first = _frames(1, 0.0)[0]
+    second = first.copy()
+    second[:, :, :8, :8] += 2.0  # one patch changes
+    assert "prune_tokens_frame_features" not in stream.run({"pixel_values": first})
+    got = stream.run({"pixel_values": second})["last_hidden_state"]
+    previous = session.run({"pixel_values": first})["prune_tokens_frame_features"]
+    direct = session.run({"pixel_values": second, "prune_tokens_previous_frame": previous})["last_hidden_state"]
+    np.testing.assert_array_equal(got, direct)  # the stream fed the first frame's features
+    assert not np.array_equal(got, session.run({"pixel_values": second})["last_hidden_state"])  # not zeros
