@@ -282,3 +282,18 @@ def test_gemm_whose_output_is_the_graph_output(mode):
     assert lowering["quantization"]["quantized_matmuls"] == 1
     assert model.graph.outputs[0].name == "y"
     assert _cosine(run(model, feeds), run(build(), feeds)) > 0.99
+
+
+@pytest.mark.slow
+def test_smollm2_dynamic_artifact_loads_and_runs(tmp_path):
+    """Grouped-query attention is left unfused: a half-fused SDPA node would not load in ORT."""
+    import onnx_ir as ir
+
+    import optimizer
+    import runtime
+
+    art = optimizer.optimize("smollm2-135m", passes=["quantize:mode=dynamic,calib_samples=4"], output=tmp_path / "q")
+    assert not any(n.domain.startswith("ai.onnxruntime") for n in ir.load(art.path / "model.onnx").graph)
+    ids = np.array([[1, 504, 3858, 282, 4649]])
+    logits = runtime.load(art.path).run({"input_ids": ids, "attention_mask": np.ones_like(ids)})["logits"]
+    assert logits.shape == (1, 5, 49152) and np.isfinite(logits).all()
