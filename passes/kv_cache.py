@@ -7,7 +7,9 @@ past_sequence, head_dim]``; outputs the model's own (``logits``) then ``present.
 (past and new); with ``scores=true`` also ``attention.{i} [batch, past+new]``, the attention each
 cached token received (for heavy-hitter eviction); with ``static=N`` the cache is a fixed
 ``N``-slot buffer written at ``cache_position`` (``passes.kv_cache_static``); with ``kv=int8``
-the cache is int8 with per-head, per-token scales (``passes.kv_cache_int8``). One graph serves prefill (past length 0) and decoding. It is exact: with empty
+the cache is int8 with per-head, per-token scales (``passes.kv_cache_int8``); with
+``layer_masks=true`` each layer reads its own ``attention_mask.{i}`` instead of the shared one, so
+layers may hold different numbers of tokens (per-layer eviction budgets). One graph serves prefill (past length 0) and decoding. It is exact: with empty
 past and ``position_ids = 0..n-1`` the logits equal the input graph's, and decoding token by token
 gives the logits the full graph gives for the whole sequence.
 
@@ -54,8 +56,11 @@ class KVCache(Pass):
         scores: bool = False
         static: int = 0
         kv: str = "float"
+        layer_masks: bool = False
 
         def validate(self) -> None:
+            if self.layer_masks and (self.static or self.kv != "float"):
+                raise PassError("kv_cache layer_masks works with a float cache that grows; drop static and kv=int8.")
             if self.kv not in ("float", "int8"):
                 raise PassError(f"kv_cache kv must be float or int8, got {self.kv!r}.")
             if self.kv == "int8" and self.static:
@@ -80,6 +85,8 @@ class KVCache(Pass):
         if static:
             pasts, where = kv_static.static_inputs(graph, sites, token_dim, static)
             additive, allowed = kv_static.static_mask(graph, mask_input, where, dtype)
+        elif self.options.layer_masks:
+            pasts = build.new_inputs(graph, sites, token_dim, per_layer=True)
         else:
             pasts = (kv_int8.int8_inputs if int8 else build.new_inputs)(graph, sites, token_dim)
             additive, allowed = build.mask(graph, ids, mask_input, dtype)
@@ -87,17 +94,22 @@ class KVCache(Pass):
             build.follow_length(graph, site)
             if static:
                 kv_static.scatter(graph, site, pasts[site.layer], where)
+            elif self.options.layer_masks:
+                build.concat(graph, site, pasts[site.layer], per_layer=True)
+                additive, allowed = build.mask(graph, ids, _layer_mask(graph, site.layer, ids), dtype, tag=f"_{site.layer}")
             else:
                 (kv_int8.int8_concat if int8 else build.concat)(graph, site, pasts[site.layer])
             build.apply_mask(graph, site, additive, allowed)
         for site in sites if self.options.scores else ():
-            build.attention_output(graph, site)
+            build.attention_output(graph, site, self.options.layer_masks)
         position_ids = next(v for v in graph.inputs if v.name == "position_ids")
         _replace_tables(graph, sites, tables, position_ids)
         RemoveUnusedNodesPass()(model)
         graph.sort()
         _infer_types(model)
         _check_mask_use(mask_input)
+        if self.options.layer_masks:  # every layer reads its own mask now
+            graph.inputs.remove(mask_input)
         return PassResult(model=model, sites=len(sites), details=_details(sites, self.options))
 
 
@@ -164,6 +176,15 @@ def _infer_types(model: ir.Model) -> None:
     ShapeInferencePass()(model)  # in place; on failure it leaves the model as it was
 
 
+def _layer_mask(graph: ir.Graph, layer: int, ids: ir.Value) -> ir.Value:
+    """``attention_mask.{layer}``: this layer's cached tokens and the new ones (layers may keep
+    different numbers of tokens, as per-layer eviction budgets do)."""
+    value = ir.Value(name=f"attention_mask.{layer}", shape=ir.Shape(["batch", build.dims(layer, True)[1]]),
+                     type=ids.type)
+    graph.inputs.append(value)
+    return value
+
+
 def _check_mask_use(mask_input: ir.Value) -> None:
     stray = [u.name for u, _ in mask_input.uses() if not (u.name or "").startswith("kv_cache")]
     if stray:
@@ -180,4 +201,4 @@ def _details(sites: list[SiteCache], opts) -> dict:
         per_token = sum(2 * layer["kv_heads"] * layer["head_dim"] * itemsize for layer in layers)
     return {"layers": layers, "kv_bytes_per_token": per_token, "max_positions": opts.max_positions,
             "dtype": sites[0].key.dtype.name.lower(), "interface": "optimum", "scores": opts.scores,
-            "static": opts.static or None, "kv": opts.kv}
+            "static": opts.static or None, "kv": opts.kv, "layer_masks": opts.layer_masks}

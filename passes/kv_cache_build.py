@@ -25,7 +25,14 @@ PAST_DIM = "past_sequence"
 TOTAL_DIM = "total_sequence"
 
 
-def new_inputs(graph: ir.Graph, sites: list[SiteCache], token_dim: str) -> dict[int, tuple[ir.Value, ir.Value]]:
+def dims(layer: int, per_layer: bool) -> tuple[str, str]:
+    """The symbolic past and total lengths of a layer's cache: shared, or its own when layers
+    keep different numbers of tokens (ORT's planner takes equal names for equal sizes)."""
+    return (f"{PAST_DIM}_{layer}", f"{TOTAL_DIM}_{layer}") if per_layer else (PAST_DIM, TOTAL_DIM)
+
+
+def new_inputs(graph: ir.Graph, sites: list[SiteCache], token_dim: str,
+               per_layer: bool = False) -> dict[int, tuple[ir.Value, ir.Value]]:
     """Adds ``position_ids`` and the past inputs; returns the past pair of each layer."""
     graph.inputs.append(ir.Value(name="position_ids", shape=ir.Shape(["batch", token_dim]),
                                  type=ir.TensorType(ir.DataType.INT64)))
@@ -33,7 +40,7 @@ def new_inputs(graph: ir.Graph, sites: list[SiteCache], token_dim: str) -> dict[
     for site in sites:
         pair = []
         for kind, point in (("key", site.key), ("value", site.value)):
-            shape = ir.Shape(["batch", point.shape[1], PAST_DIM, point.shape[3]])
+            shape = ir.Shape(["batch", point.shape[1], dims(site.layer, per_layer)[0], point.shape[3]])
             value = ir.Value(name=f"past_key_values.{site.layer}.{kind}", shape=shape, type=point.type)
             graph.inputs.append(value)
             pair.append(value)
@@ -41,12 +48,12 @@ def new_inputs(graph: ir.Graph, sites: list[SiteCache], token_dim: str) -> dict[
     return pasts
 
 
-def concat(graph: ir.Graph, site: SiteCache, past: tuple[ir.Value, ir.Value]) -> None:
+def concat(graph: ir.Graph, site: SiteCache, past: tuple[ir.Value, ir.Value], per_layer: bool = False) -> None:
     """``present = Concat(past, current)`` replaces the current K/V for attention and is an output."""
     for kind, point, old in (("key", site.key, past[0]), ("value", site.value, past[1])):
         users = list(point.uses())
         present = ir.Value(name=f"present.{site.layer}.{kind}", type=point.type,
-                           shape=ir.Shape(["batch", point.shape[1], TOTAL_DIM, point.shape[3]]))
+                           shape=ir.Shape(["batch", point.shape[1], dims(site.layer, per_layer)[1], point.shape[3]]))
         node = ir.Node("", "Concat", [old, point], attributes=[ir.AttrInt64("axis", 2)], outputs=[present],
                        name=f"kv_cache_concat_{site.layer}_{kind}")
         graph.insert_after(point.producer(), node)
@@ -99,21 +106,23 @@ def _relative_reshape(node: ir.Node) -> list[int]:
     return shape
 
 
-def mask(graph: ir.Graph, input_ids: ir.Value, attention_mask: ir.Value, dtype: ir.DataType) -> tuple[ir.Value, ir.Value]:
-    """(additive mask, allowed) of shape ``[batch, 1, new, past+new]``."""
+def mask(graph: ir.Graph, input_ids: ir.Value, attention_mask: ir.Value, dtype: ir.DataType,
+         tag: str = "") -> tuple[ir.Value, ir.Value]:
+    """(additive mask, allowed) of shape ``[batch, 1, new, past+new]``; ``tag`` keeps the names of
+    several masks (one per layer) apart."""
     t = tape.Tape()
-    i64 = lambda x: t.initializer(ir.tensor(np.array(x, np.int64)), name=f"kv_cache_const_{len(t.initializers)}")
-    total = t.op("Squeeze", [t.op("Shape", [attention_mask], {"start": 1, "end": 2})], name="kv_cache_total")
-    new = t.op("Squeeze", [t.op("Shape", [input_ids], {"start": 1, "end": 2})], name="kv_cache_new")
+    i64 = lambda x: t.initializer(ir.tensor(np.array(x, np.int64)), name=f"kv_cache_const{tag}_{len(t.initializers)}")
+    total = t.op("Squeeze", [t.op("Shape", [attention_mask], {"start": 1, "end": 2})], name=f"kv_cache_total{tag}")
+    new = t.op("Squeeze", [t.op("Shape", [input_ids], {"start": 1, "end": 2})], name=f"kv_cache_new{tag}")
     zero, one = i64(0), i64(1)
-    positions = t.op("Range", [t.op("Sub", [total, new]), total, one], name="kv_cache_query_positions")
-    keys = t.op("Range", [zero, total, one], name="kv_cache_key_positions")
+    positions = t.op("Range", [t.op("Sub", [total, new]), total, one], name=f"kv_cache_query_positions{tag}")
+    keys = t.op("Range", [zero, total, one], name=f"kv_cache_key_positions{tag}")
     causal = t.op("LessOrEqual", [t.op("Unsqueeze", [keys, i64([0])]), t.op("Unsqueeze", [positions, i64([1])])])
-    padding = t.op("Unsqueeze", [t.op("Cast", [attention_mask], {"to": ir.DataType.BOOL}, name="kv_cache_padding"), i64([1, 2])])
-    allowed = t.op("And", [t.op("Unsqueeze", [causal, i64([0, 1])]), padding], name="kv_cache_allowed")
+    padding = t.op("Unsqueeze", [t.op("Cast", [attention_mask], {"to": ir.DataType.BOOL}, name=f"kv_cache_padding{tag}"), i64([1, 2])])
+    allowed = t.op("And", [t.op("Unsqueeze", [causal, i64([0, 1])]), padding], name=f"kv_cache_allowed{tag}")
     low = np.finfo(dtype.numpy()).min
-    fill = [t.initializer(ir.tensor(np.array(v, dtype.numpy())), name=f"kv_cache_fill_{i}") for i, v in enumerate((0, low))]
-    additive = t.op("Where", [allowed, fill[0], fill[1]], name="kv_cache_mask")
+    fill = [t.initializer(ir.tensor(np.array(v, dtype.numpy())), name=f"kv_cache_fill{tag}_{i}") for i, v in enumerate((0, low))]
+    additive = t.op("Where", [allowed, fill[0], fill[1]], name=f"kv_cache_mask{tag}")
     commit(graph, t)
     return additive, allowed
 
@@ -142,14 +151,14 @@ def lookup(graph: ir.Graph, operand: ir.Value, table: np.ndarray, position_ids: 
     return gathered
 
 
-def attention_output(graph: ir.Graph, site: SiteCache) -> None:
+def attention_output(graph: ir.Graph, site: SiteCache, per_layer: bool = False) -> None:
     """``attention.{i} [batch, past+new]``: attention each cached token received in this step,
     summed over heads and queries (what heavy-hitter eviction accumulates)."""
     t = tape.Tape()
     axes = t.initializer(ir.tensor(np.array([1, 2], np.int64)), name=f"kv_cache_score_axes_{site.layer}")
     out = t.op("ReduceSum", [site.probs, axes], {"keepdims": 0}, name=f"kv_cache_scores_{site.layer}")
     out.name = f"attention.{site.layer}"
-    out.type, out.shape = site.probs.type, ir.Shape(["batch", TOTAL_DIM])
+    out.type, out.shape = site.probs.type, ir.Shape(["batch", dims(site.layer, per_layer)[1]])
     commit(graph, t)
     graph.outputs.append(out)
 

@@ -42,6 +42,7 @@ class KVLayout:
     heads: list[int]
     kinds: list[Kind]
     static: int | None = None  # slots of a fixed-size cache (kv_cache:static=N), None when it grows
+    layer_masks: bool = False  # each layer reads attention_mask.{i} and may hold its own length
 
     @classmethod
     def of(cls, inputs: list[dict]) -> "KVLayout":
@@ -58,15 +59,17 @@ class KVLayout:
         if not heads:
             raise FeedError("this artifact has no KV cache (no past_key_values inputs); make it with "
                             "`carve optimize MODEL -o DIR --passes kv_cache` to generate with it.")
-        return cls([heads[i] for i in range(len(heads))], [kinds[k] for k in _ORDER if k in kinds], static)
+        layer_masks = any(spec["name"].startswith("attention_mask.") for spec in inputs)
+        return cls([heads[i] for i in range(len(heads))], [kinds[k] for k in _ORDER if k in kinds], static, layer_masks)
 
     @property
     def layers(self) -> list[tuple[int, int]]:
         """(kv_heads, head_dim) per layer."""
         return [(h, self.kinds[0].width) for h in self.heads]
 
-    def bytes_per_token(self) -> int:
-        return sum(h * k.width * k.dtype.itemsize for h in self.heads for k in self.kinds)
+    def bytes_per_token(self, layer: int | None = None) -> int:
+        heads = self.heads if layer is None else [self.heads[layer]]
+        return sum(h * k.width * k.dtype.itemsize for h in heads for k in self.kinds)
 
     def names(self, layer: int, prefix: str = "past_key_values") -> list[str]:
         return [f"{prefix}.{layer}.{k.suffix}" for k in self.kinds]
@@ -84,6 +87,9 @@ def prefill_feeds(inputs: list[dict], feeds: dict) -> dict:
     if "position_ids" in names and "position_ids" not in out:
         out["position_ids"] = np.maximum(mask.cumsum(-1) - 1, 0).astype(np.int64)
     layout = KVLayout.of(inputs)
+    if layout.layer_masks:
+        out.update({f"attention_mask.{i}": mask for i in range(len(layout.heads))})
+        out.pop("attention_mask")
     for layer, heads in enumerate(layout.heads):
         for name, kind in zip(layout.names(layer), layout.kinds):
             out[name] = np.zeros((ids.shape[0], heads, layout.static or 0, kind.width), kind.dtype)
@@ -96,7 +102,7 @@ class KVCache:
     def __init__(self, layout: KVLayout, batch: int, capacity: int):
         self.layout, self.batch = layout, batch
         self.capacity = layout.static or capacity  # a static cache has exactly its slots
-        self.length = 0
+        self.lengths = [0] * len(layout.heads)  # equal unless per-layer eviction made them differ
         # per layer and kind two halves; zeros, not empty: a static cache attends over unfilled
         # slots (masked, but NaN * 0 is NaN)
         self._bufs = [[[np.zeros(batch * h * self.capacity * k.width, k.dtype) for _ in range(2)] for k in layout.kinds]
@@ -109,7 +115,7 @@ class KVCache:
     def past(self, layer: int, kind: int) -> np.ndarray:
         """The past of one layer's tensor (index into ``layout.kinds``), as a contiguous view: the
         filled tokens, or every slot of a static cache."""
-        shape = self.shape(layer, kind, self.layout.static or self.length)
+        shape = self.shape(layer, kind, self.layout.static or self.lengths[layer])
         return self._bufs[layer][kind][self._front][:int(np.prod(shape))].reshape(shape)
 
     def next_buffer(self, layer: int, kind: int, length: int) -> np.ndarray:
@@ -122,9 +128,15 @@ class KVCache:
             raise FeedError(f"{what} needs a cache that grows; this artifact has a static {self.layout.static}-slot "
                             "cache (kv_cache:static); make it without static.")
 
-    def advance(self, length: int) -> None:
+    @property
+    def length(self) -> int:
+        """Cached tokens (the longest layer's, when per-layer eviction made them differ)."""
+        return max(self.lengths)
+
+    def advance(self, lengths: int | list[int]) -> None:
         """The step wrote its present into the back half: it becomes the past."""
-        self._front, self.length = 1 - self._front, length
+        self._front = 1 - self._front
+        self.lengths = list(lengths) if isinstance(lengths, list) else [lengths] * len(self.lengths)
 
     def check_room(self, new: int) -> None:
         if self.length + new > self.capacity:
@@ -135,21 +147,20 @@ class KVCache:
         """Keep only these token columns (per layer when a list), in order: eviction."""
         self.require_growing("KV eviction")
         per_layer = columns if isinstance(columns, list) else [columns] * len(self.layout.heads)
-        lengths = {len(c) for c in per_layer}
-        if len(lengths) != 1:
-            raise ValueError("every layer must keep the same number of tokens (the graph shares one mask)")
-        new_length = lengths.pop()
+        if len({len(c) for c in per_layer}) != 1 and not self.layout.layer_masks:
+            raise FeedError("this artifact's layers share one attention mask, so every layer must keep the same "
+                            "number of tokens; make it with kv_cache:layer_masks=true for per-layer budgets.")
         for layer, cols in enumerate(per_layer):
             for kind in range(len(self.layout.kinds)):
                 kept = np.take(self.past(layer, kind), cols, axis=2)
-                self.next_buffer(layer, kind, new_length)[...] = kept
-        self.advance(new_length)
+                self.next_buffer(layer, kind, len(cols))[...] = kept
+        self.advance([len(c) for c in per_layer])
 
     def load(self, arrays: list[tuple[np.ndarray, ...]]) -> None:
         """Fill the cache from per-layer arrays (one per kind) of the same batch (a prefix hit)."""
         self.require_growing("the prefix cache")
         length = arrays[0][0].shape[2]
-        self.length = 0
+        self.lengths = [0] * len(self.lengths)
         self.check_room(length)
         for layer, tensors in enumerate(arrays):
             for kind, array in enumerate(tensors):
@@ -163,4 +174,4 @@ class KVCache:
                 for i in range(len(self.layout.heads))]
 
     def nbytes(self) -> int:
-        return self.length * self.batch * self.layout.bytes_per_token()
+        return self.batch * sum(n * self.layout.bytes_per_token(i) for i, n in enumerate(self.lengths))

@@ -8,7 +8,10 @@ Given as ``name:key=value,...`` (``carve generate --kv-policy``, ``make_policy``
   score without its Gumbel noise): the sinks, the R most recent tokens, and the tokens that
   received the most attention so far, N in all. Needs an artifact made with
   ``kv_cache:scores=true`` (its ``attention.{i}`` outputs); the choice is made per layer, the
-  same count in every layer (the graph's one attention mask covers all layers).
+  same count in every layer (the graph's one attention mask covers all layers);
+- ``pyramid:size=N,...`` and ``adaptive:size=N,...``: heavy hitters with per-layer budgets
+  averaging N, falling with depth (PyramidKV) or set from how spread each layer's attention is
+  (DynamicKV-like). Need ``kv_cache:scores=true,layer_masks=true`` (one mask per layer).
 
 A policy runs between decoding steps when the cache is full: it evicts down to ``size`` minus
 one sixteenth (at least one token), so the compaction runs once every few steps rather than on
@@ -101,19 +104,69 @@ class Heavy(Policy):
             self.scores = [np.concatenate([s, np.zeros(len(g) - len(s))]) + g for s, g in zip(self.scores, got)]
 
     def choose(self, length: int, budget: int) -> list[np.ndarray]:
+        return [self.heavy(layer, length, budget) for layer in range(len(self.scores))]
+
+    def heavy(self, layer: int, length: int, budget: int) -> np.ndarray:
+        """The sinks, the most recent tokens, and the most attended of the rest: ``budget`` in all."""
         fixed = np.concatenate([np.arange(self.sinks), np.arange(length - self.recent, length)])
-        chosen = []
-        for score in self.scores:
-            rest = np.setdiff1d(np.arange(length), fixed)
-            top = rest[np.argsort(-score[rest], kind="stable")[: budget - len(fixed)]]
-            chosen.append(np.sort(np.concatenate([fixed, top])))
-        return chosen
+        rest = np.setdiff1d(np.arange(length), fixed)
+        top = rest[np.argsort(-self.scores[layer][rest], kind="stable")[: budget - len(fixed)]]
+        return np.sort(np.concatenate([fixed, top]))
 
     def forget(self, keep) -> None:
         self.scores = [s[k] for s, k in zip(self.scores, keep)]
 
 
-POLICIES = {"window": Window, "sinks": Sinks, "heavy": Heavy}
+class Pyramid(Heavy):
+    """Per-layer budgets falling linearly with depth, 1.5x the average ``size`` at the first layer
+    and 0.5x at the last (PyramidKV); heavy hitters within each layer's budget."""
+
+    name = "pyramid"
+
+    def budgets(self, layers: int) -> np.ndarray:
+        return np.maximum((self.size * np.linspace(1.5, 0.5, layers)).astype(int), self.sinks + self.recent + 2)
+
+    def apply(self, cache: KVCache, mask: np.ndarray, extra: dict) -> np.ndarray:
+        self.observe(cache, extra)
+        budgets = self.budgets(len(cache.lengths))
+        if all(n < b for n, b in zip(cache.lengths, budgets)):
+            return mask
+        if cache.batch != 1:
+            raise FeedError("KV eviction runs on one sequence at a time; generate prompts one by one with a KV policy.")
+        keep = [np.arange(n) if n < b else self.heavy(i, n, b - max(1, b // 16))
+                for i, (n, b) in enumerate(zip(cache.lengths, budgets))]
+        before, old = cache.nbytes(), sum(cache.lengths)
+        cache.keep(keep)
+        self.evicted_tokens += old - sum(cache.lengths)
+        self.evicted_bytes += before - cache.nbytes()
+        self.forget(keep)
+        return mask[:, keep[0]]
+
+
+class Adaptive(Pyramid):
+    """Per-layer budgets from the attention itself (in the manner of DynamicKV): when the cache
+    first fills, each layer's budget is made proportional to how many tokens carry 90% of the
+    attention it has paid so far, then fixed; the budgets add up to ``size`` per layer."""
+
+    name = "adaptive"
+    _budgets: np.ndarray | None = None
+
+    def budgets(self, layers: int) -> np.ndarray:
+        if self._budgets is None:
+            if self.scores is None or max(len(s) for s in self.scores) < self.size:
+                return np.full(layers, self.size)
+            spread = np.array([_tokens_for(s, 0.9) for s in self.scores], float)
+            raw = spread / spread.sum() * self.size * layers
+            self._budgets = np.clip(raw.astype(int), self.sinks + self.recent + 2, 2 * self.size)
+        return self._budgets
+
+
+def _tokens_for(scores: np.ndarray, mass: float) -> int:
+    ordered = np.sort(scores)[::-1]
+    return int(np.searchsorted(np.cumsum(ordered), mass * ordered.sum()) + 1)
+
+
+POLICIES = {"window": Window, "sinks": Sinks, "heavy": Heavy, "pyramid": Pyramid, "adaptive": Adaptive}
 
 
 def make_policy(spec: str | None) -> Policy | None:

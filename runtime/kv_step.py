@@ -28,19 +28,22 @@ class Stepper:
         cache = self.cache
         new = input_ids.shape[1]
         cache.check_room(new)
-        total = cache.length + new
+        totals = [n + new for n in cache.lengths]
+        total = max(totals)
         feeds = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+        if cache.layout.layer_masks:  # the shared mask becomes one per layer
+            feeds.update(_layer_masks(feeds.pop("attention_mask"), totals))
         if cache.layout.static:  # fixed-size buffers: say where the new tokens go, mask the empty slots
             feeds["cache_position"] = np.arange(cache.length, total, dtype=np.int64)
             feeds["attention_mask"] = np.pad(attention_mask, ((0, 0), (0, cache.layout.static - total)))
         if self.ort is not None and hasattr(self.ort, "io_binding"):
-            logits, extra = self._bound(feeds, total)
+            logits, extra = self._bound(feeds, totals)
         else:
-            logits, extra = self._plain(feeds, total)
-        cache.advance(total)
+            logits, extra = self._plain(feeds, totals)
+        cache.advance(totals)
         return logits, extra
 
-    def _bound(self, feeds: dict, total: int) -> tuple[np.ndarray, dict]:
+    def _bound(self, feeds: dict, totals: list[int]) -> tuple[np.ndarray, dict]:
         io = self.ort.io_binding()
         for name, array in feeds.items():
             io.bind_cpu_input(name, np.ascontiguousarray(array))
@@ -51,13 +54,13 @@ class Stepper:
             pairs = zip(layout.names(layer), layout.names(layer, "present"), layout.kinds)
             for kind, (past, present, spec) in enumerate(pairs):
                 io.bind_cpu_input(past, self.cache.past(layer, kind))
-                out = self.cache.next_buffer(layer, kind, total)
+                out = self.cache.next_buffer(layer, kind, totals[layer])
                 io.bind_output(present, "cpu", 0, spec.dtype, list(out.shape), out.ctypes.data)
         self.ort.run_with_iobinding(io)
         values = io.copy_outputs_to_cpu()
         return values[0], dict(zip(self.extra, values[1:1 + len(self.extra)]))
 
-    def _plain(self, feeds: dict, total: int) -> tuple[np.ndarray, dict]:
+    def _plain(self, feeds: dict, totals: list[int]) -> tuple[np.ndarray, dict]:
         layout = self.cache.layout
         for layer in range(len(layout.heads)):
             for kind, name in enumerate(layout.names(layer)):
@@ -65,5 +68,13 @@ class Stepper:
         outs = self.session.run(feeds)
         for layer in range(len(layout.heads)):
             for kind, name in enumerate(layout.names(layer, "present")):
-                self.cache.next_buffer(layer, kind, total)[...] = outs[name]
+                self.cache.next_buffer(layer, kind, totals[layer])[...] = outs[name]
         return np.asarray(outs[self.logits]), {n: np.asarray(outs[n]) for n in self.extra}
+
+
+def _layer_masks(mask: np.ndarray, totals: list[int]) -> dict[str, np.ndarray]:
+    """Each layer's ``attention_mask.{i}``: the shared mask while the layers hold the same tokens;
+    after per-layer eviction (one sequence, no padding) all ones of the layer's own length."""
+    if len(set(totals)) == 1 and mask.shape[1] == totals[0]:
+        return {f"attention_mask.{i}": mask for i in range(len(totals))}
+    return {f"attention_mask.{i}": np.ones((mask.shape[0], n), mask.dtype) for i, n in enumerate(totals)}

@@ -205,3 +205,24 @@ def test_smollm2_cached_greedy_equals_hugging_face(tmp_path):
             ref = lm.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                               do_sample=False, max_new_tokens=16, min_new_tokens=16, pad_token_id=2)
         assert ours == ref[0, len(ids):].tolist()
+
+
+@pytest.mark.parametrize("spec", ["pyramid:size=12,sinks=1,recent=2", "adaptive:size=8,sinks=1,recent=2"])
+def test_per_layer_budgets(tmp_path, spec):
+    art = optimizer.optimize("tiny-llama", passes=["kv_cache:scores=true,layer_masks=true"], output=tmp_path / "l")
+    session = runtime.load(art.path)
+    plain = optimizer.optimize("tiny-llama", passes=["kv_cache"], output=tmp_path / "p")
+    assert generate(session, PROMPTS, max_new_tokens=6).tokens == generate(runtime.load(plain.path), PROMPTS,
+                                                                             max_new_tokens=6).tokens
+    policy = make_policy(spec)
+    out = generate(session, [PROMPTS[0]], max_new_tokens=20, policy=policy)
+    assert len(out.tokens[0]) == 20 and policy.evicted_tokens > 0
+    if spec.startswith("pyramid"):
+        budgets = policy.budgets(2)
+        assert budgets[0] > budgets[1] and budgets.sum() == 24
+
+
+def test_per_layer_budgets_need_layer_masks(arts):
+    _, cached, _ = arts
+    with pytest.raises(FeedError, match="layer_masks=true"):
+        generate(cached, [PROMPTS[0]], max_new_tokens=20, policy=make_policy("pyramid:size=8,sinks=1,recent=2"))

@@ -190,6 +190,8 @@ def test_option_errors():
 
     with pytest.raises(PassError, match="max_positions >= 2"):
         instantiate([PassSpec("kv_cache", {"max_positions": 1})])
+    with pytest.raises(PassError, match="layer_masks works with a float cache that grows"):
+        instantiate([PassSpec("kv_cache", {"layer_masks": True, "static": 16})])
     with pytest.raises(PassError, match="kv must be float or int8"):
         instantiate([PassSpec("kv_cache", {"kv": "fp4"})])
     with pytest.raises(PassError, match="drop static or kv=int8"):
