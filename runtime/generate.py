@@ -70,6 +70,8 @@ def generate(session: Any, prompts: Sequence[Sequence[int]], max_new_tokens: int
     ids, mask = _left_pad(prompts, pad_token)
     positions = np.maximum(mask.cumsum(-1) - 1, 0)
     layout = KVLayout.of(session.inputs)
+    if policy is not None:
+        policy.check(layout, [o["name"] for o in session.outputs])
     cache = KVCache(layout, len(prompts), capacity or ids.shape[1] + max_new_tokens)
     cache.check_room(ids.shape[1] + max_new_tokens - 1 if policy is None else ids.shape[1])
     step = Stepper(session, cache)

@@ -57,6 +57,9 @@ class Policy:
         self.forget(keep)
         return mask[:, keep[0] if isinstance(keep, list) else keep]
 
+    def check(self, layout, outputs: list[str]) -> None:
+        """Refuse, before anything is generated, an artifact this policy cannot work with."""
+
     def observe(self, cache: KVCache, extra: dict) -> None:
         pass
 
@@ -92,6 +95,11 @@ class Heavy(Policy):
         super().__init__(size, sinks, recent or max(1, size // 4))
         self.scores: list[np.ndarray] | None = None
 
+    def check(self, layout, outputs: list[str]) -> None:
+        if not any(name.startswith("attention.") for name in outputs):
+            raise FeedError(f"KV policy {self.name} needs attention scores: make the artifact with "
+                            "`--passes kv_cache:scores=true`.")
+
     def observe(self, cache: KVCache, extra: dict) -> None:
         layers = [extra.get(f"attention.{i}") for i in range(len(cache.layout.layers))]
         if any(a is None for a in layers):
@@ -122,6 +130,12 @@ class Pyramid(Heavy):
     and 0.5x at the last (PyramidKV); heavy hitters within each layer's budget."""
 
     name = "pyramid"
+
+    def check(self, layout, outputs: list[str]) -> None:
+        super().check(layout, outputs)
+        if not layout.layer_masks:
+            raise FeedError(f"KV policy {self.name} gives layers different budgets, which needs one attention mask "
+                            "per layer: make the artifact with `--passes kv_cache:scores=true,layer_masks=true`.")
 
     def budgets(self, layers: int) -> np.ndarray:
         return np.maximum((self.size * np.linspace(1.5, 0.5, layers)).astype(int), self.sinks + self.recent + 2)
