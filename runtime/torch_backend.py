@@ -148,3 +148,44 @@ def _on_device(value, device):
 
     tensor = value if isinstance(value, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(value))
     return tensor.to(device)
+
+
+class CudaBuffers:
+    """torch's CUDA side for backends that run their own kernels on torch buffers (TensorRT
+    engines, ``runtime.trt_backend``): a device, a non-default stream, tensors and CUDA graphs.
+    Keeping these here keeps every torch import of the runtime in its torch backend."""
+
+    def __init__(self, index: int):
+        import torch
+
+        self._torch = torch
+        self.device = torch.device("cuda", index)
+        self.gpu = str(torch.cuda.get_device_name(index))
+        self.stream = torch.cuda.Stream(device=self.device)
+
+    def tensor(self, value: Any, dtype: str) -> Any:
+        """``value`` (numpy or torch) as a contiguous tensor of ``dtype`` on the device."""
+        return self._torch.as_tensor(value).to(self.device, getattr(self._torch, dtype)).contiguous()
+
+    def empty(self, shape: tuple[int, ...], dtype: str) -> Any:
+        return self._torch.empty(shape, dtype=getattr(self._torch, dtype), device=self.device)
+
+    def shape(self, value: Any) -> tuple[int, ...]:
+        return tuple(self._torch.as_tensor(value).shape)
+
+    def follow_current(self) -> None:
+        """Make the stream wait for work queued on the current stream (input copies)."""
+        self.stream.wait_stream(self._torch.cuda.current_stream(self.device))
+
+    def on_stream(self):
+        return self._torch.cuda.stream(self.stream)
+
+    def capture(self, run) -> Any:
+        """``run()`` captured into a CUDA graph on the stream."""
+        graph = self._torch.cuda.CUDAGraph()
+        with self._torch.cuda.graph(graph, stream=self.stream):
+            run()
+        return graph
+
+    def copy(self, target: Any, value: Any) -> None:
+        target.copy_(self._torch.as_tensor(value), non_blocking=True)

@@ -14,8 +14,9 @@ its first run), then ``execute_async_v3`` is captured into a ``torch.cuda.CUDAGr
 ``replay`` copies the new inputs into the fixed buffers and replays the graph, with no per-call
 TensorRT or launch overhead. Shapes differing from the captured ones are refused.
 
-``tensorrt`` and ``torch`` are imported inside the functions that need them: importing the
-``runtime`` package never imports either.
+``tensorrt`` is imported inside the functions that need it, and every torch call goes through
+the torch backend's ``CudaBuffers``: importing the ``runtime`` package imports neither, and this
+module never imports torch itself.
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ def engine_names(path: str | Path) -> list[str]:
 class TensorRTSession:
     def __init__(self, path: str | Path, engine: str = "model", device: int = 0, verify: bool = True):
         import tensorrt as trt
-        import torch
+
+        from runtime.torch_backend import CudaBuffers
 
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
@@ -49,8 +51,9 @@ class TensorRTSession:
         meta = self._engine_meta(engine)
         from optimizer.lower.tensorrt_engines import refuse_mismatch
 
-        self.device = torch.device("cuda", device)
-        refuse_mismatch(engine, meta, trt.__version__, str(torch.cuda.get_device_name(device)))
+        self.cuda = CudaBuffers(device)
+        self.device = self.cuda.device
+        refuse_mismatch(engine, meta, trt.__version__, self.cuda.gpu)
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
         self.engine = self._runtime.deserialize_cuda_engine((self.path / meta["file"]).read_bytes())
@@ -58,7 +61,7 @@ class TensorRTSession:
             raise ArtifactError(f"TensorRT could not deserialize {meta['file']}; rebuild it with "
                                 "`python -m optimizer.lower.tensorrt_build ARTIFACT`.")
         self.context = self.engine.create_execution_context()
-        self.stream = torch.cuda.Stream(device=self.device)
+        self.stream = self.cuda.stream
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.outputs = [n for n in names if n not in self.inputs]
@@ -74,21 +77,17 @@ class TensorRTSession:
                                 "`python -m optimizer.lower.tensorrt_build ARTIFACT`.")
         return dict(engines[engine])
 
-    def _dtype(self, name: str) -> Any:
-        import torch
-
-        return getattr(torch, _TORCH_DTYPES[self.engine.get_tensor_dtype(name).name])
+    def _dtype(self, name: str) -> str:
+        return _TORCH_DTYPES[self.engine.get_tensor_dtype(name).name]
 
     def _bind(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
         """Set every input's shape and address; allocate and bind outputs; returns the outputs."""
-        import torch
-
         missing = [n for n in self.inputs if n not in feeds]
         if missing:
             raise FeedError(f"missing input {missing[0]!r}; the engine's inputs are: {', '.join(self.inputs)}.")
         self._keep = {}
         for name in self.inputs:
-            tensor = torch.as_tensor(feeds[name]).to(self.device, self._dtype(name)).contiguous()
+            tensor = self.cuda.tensor(feeds[name], self._dtype(name))
             if not self.context.set_input_shape(name, tuple(tensor.shape)):
                 raise FeedError(f"input {name!r} of shape {list(tensor.shape)} is outside the engine's optimization "
                                 "profile; rebuild with wider shapes=... ranges.")
@@ -98,13 +97,13 @@ class TensorRTSession:
         for name in self.outputs:
             dims = self.context.get_tensor_shape(name)
             shape = tuple(dims[i] for i in range(len(dims)))
-            outputs[name] = torch.empty(shape, dtype=self._dtype(name), device=self.device)
+            outputs[name] = self.cuda.empty(shape, self._dtype(name))
             self.context.set_tensor_address(name, outputs[name].data_ptr())
         return outputs
 
     def run(self, feeds: Mapping[str, Any], numpy: bool = False) -> dict[str, Any]:
         outputs = self._bind(feeds)
-        self.stream.wait_stream(_current_stream(self.device))  # inputs were copied on the current stream
+        self.cuda.follow_current()  # inputs were copied on the current stream
         if not self.context.execute_async_v3(self.stream.cuda_stream):
             raise FeedError("TensorRT failed to run the engine; check the inputs' shapes against the manifest.")
         self.stream.synchronize()
@@ -112,43 +111,30 @@ class TensorRTSession:
 
     def capture(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
         """Bind fixed buffers for these shapes and capture one run as a CUDA graph; returns its outputs."""
-        import torch
-
         outputs = self._bind(feeds)
         self._static = {**self._keep, **outputs}
-        with torch.cuda.stream(self.stream):
+        with self.cuda.on_stream():
             self.context.execute_async_v3(self.stream.cuda_stream)  # first run outside capture
         self.stream.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=self.stream):
-            self.context.execute_async_v3(self.stream.cuda_stream)
-        self._graph = graph
+        self._graph = self.cuda.capture(lambda: self.context.execute_async_v3(self.stream.cuda_stream))
         return outputs
 
     def replay(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
         """Copy ``feeds`` into the captured buffers and replay; the outputs are the captured buffers."""
-        import torch
-
         if self._graph is None:
             raise FeedError("replay needs a captured graph; call capture(feeds) first.")
         for name in self.inputs:
-            value = torch.as_tensor(feeds[name])
-            if tuple(value.shape) != tuple(self._static[name].shape):
-                raise FeedError(f"input {name!r} has shape {list(value.shape)} but the graph was captured with "
+            shape = self.cuda.shape(feeds[name])
+            if shape != tuple(self._static[name].shape):
+                raise FeedError(f"input {name!r} has shape {list(shape)} but the graph was captured with "
                                 f"{list(self._static[name].shape)}; capture again for new shapes.")
-        self.stream.wait_stream(_current_stream(self.device))  # feeds may come from the current stream
-        with torch.cuda.stream(self.stream):
+        self.cuda.follow_current()  # feeds may come from the current stream
+        with self.cuda.on_stream():
             for name in self.inputs:
-                self._static[name].copy_(torch.as_tensor(feeds[name]), non_blocking=True)
+                self.cuda.copy(self._static[name], feeds[name])
             self._graph.replay()
         self.stream.synchronize()
         return {name: self._static[name] for name in self.outputs}
-
-
-def _current_stream(device: Any) -> Any:
-    import torch
-
-    return torch.cuda.current_stream(device)
 
 
 def load(path: str | Path, engine: str = "model", device: int = 0, verify: bool = True) -> TensorRTSession:

@@ -355,3 +355,13 @@ def test_static_kv_cache_scatters_like_ort(tmp_path):
         want, got = reference(feeds), session.run(feeds)
         _assert_close(want, got)
         past, start = {k: got[k.replace("past_key_values.", "present.")] for k in past}, start + chunk.shape[1]
+
+
+def test_only_the_torch_backend_imports_torch_in_the_runtime():
+    import re
+    from pathlib import Path
+
+    runtime_dir = Path(__file__).resolve().parents[1] / "runtime"
+    importing = [p.name for p in runtime_dir.glob("*.py")
+                 if re.search(r"^\s*(import torch|from torch)\b", p.read_text(), re.M)]
+    assert importing == ["torch_backend.py"]
