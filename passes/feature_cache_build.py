@@ -17,6 +17,7 @@ import onnx_ir as ir
 from onnx_ir import tape
 
 from optimizer.structure_types import Block
+from passes.graph_util import values_by_name
 from runtime.errors import PassError
 
 RESIDUAL_IN = "feature_cache.residual"
@@ -26,7 +27,7 @@ PREVIOUS = "feature_cache.previous."
 
 
 def wrap_tail(graph: ir.Graph, block: Block, threshold: float) -> int:
-    values = _values(graph)
+    values = values_by_name(graph)
     boundary, start = values[block.output], values[block.input]
     tail = _descendants(graph, boundary)
     outputs = list(graph.outputs)
@@ -45,11 +46,6 @@ def wrap_tail(graph: ir.Graph, block: Block, threshold: float) -> int:
     return len(tail)
 
 
-def _values(graph: ir.Graph) -> dict[str, ir.Value]:
-    found = {v.name: v for v in graph.inputs}
-    for node in graph:
-        found.update((v.name, v) for v in node.outputs)
-    return found
 
 
 def _descendants(graph: ir.Graph, value: ir.Value) -> list[ir.Node]:

@@ -37,6 +37,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 from optimizer.pipeline import Pass, PassContext, PassResult, register
 from passes import kv_cache_build as build
 from passes import kv_cache_int8 as kv_int8
+from passes.graph_util import values_by_name
 from passes import kv_cache_static as kv_static
 from passes.kv_cache_find import SiteCache, find_site, shape_only
 from passes.kv_cache_tables import rows
@@ -128,16 +129,11 @@ def _sites(graph: ir.Graph, model_map) -> list[SiteCache]:
     attention = [(b.index, b.attention) for b in model_map.blocks if b.attention is not None]
     if not attention:
         raise PassError("the model map found no attention in this model; kv_cache applies to transformer decoders.")
-    values = _values(graph)
+    values = values_by_name(graph)
     derived = shape_only(graph)
     return [find_site(graph, values, index, site, derived) for index, site in attention]
 
 
-def _values(graph: ir.Graph) -> dict[str, ir.Value]:
-    values = {v.name: v for v in graph.inputs}
-    for node in graph:
-        values.update((v.name, v) for v in node.outputs)
-    return values
 
 
 def _table_rows(graph: ir.Graph, sites: list[SiteCache], ids: ir.Value, length: int):

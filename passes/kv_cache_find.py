@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import onnx_ir as ir
 
 from optimizer.structure_types import AttentionSite
+from passes.graph_util import ancestors
 from runtime.errors import PassError
 
 # Ops allowed between a cache point and the attention MatMul (GQA repeat and the K transpose).
@@ -127,13 +128,13 @@ def _pv_node(softmax: ir.Node) -> ir.Node | None:
 
 def _path(start: ir.Value, end: ir.Value, order: dict[int, int]) -> list[ir.Value]:
     """Values on a producer chain from ``start`` down to ``end`` (both included), in graph order."""
-    ancestors = _ancestors(end)
-    if id(start) not in ancestors:
+    upstream = ancestors([end])
+    if id(start) not in upstream:
         raise PassError(f"value {start.name} does not reach {end.name}; the attention site is not in a form kv_cache knows.")
     path, queue, seen = [], deque([start]), set()
     while queue:
         value = queue.popleft()
-        if id(value) in seen or id(value) not in ancestors:
+        if id(value) in seen or id(value) not in upstream:
             continue
         seen.add(id(value))
         path.append(value)
@@ -142,17 +143,6 @@ def _path(start: ir.Value, end: ir.Value, order: dict[int, int]) -> list[ir.Valu
     return sorted(path, key=lambda v: order.get(id(v.producer()), -1))
 
 
-def _ancestors(value: ir.Value) -> set[int]:
-    found, stack = set(), [value]
-    while stack:
-        current = stack.pop()
-        if id(current) in found:
-            continue
-        found.add(id(current))
-        node = current.producer()
-        if node is not None:
-            stack.extend(v for v in node.inputs if v is not None)
-    return found
 
 
 def _cache_point(path: list[ir.Value], site: AttentionSite, layer: int, what: str) -> ir.Value:
@@ -231,8 +221,8 @@ def _tables(path: list[ir.Value], derived: set[int]) -> list[tuple[ir.Node, int]
 
 def _score_values(qk: ir.Node, pv: ir.Node) -> list[ir.Value]:
     """The score chain's values (Q*K^T up to the probabilities): their last axis is the cached length."""
-    ancestors = _ancestors(pv.inputs[0])
-    return [v for v in _walk(qk.outputs[0], pv) if id(v) in ancestors]
+    upstream = ancestors([pv.inputs[0]])
+    return [v for v in _walk(qk.outputs[0], pv) if id(v) in upstream]
 
 
 def _walk(value: ir.Value, stop: ir.Node) -> list[ir.Value]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from passes.graph_util import ancestors
 from runtime.errors import PassError
 
 
@@ -28,7 +29,7 @@ def evaluate(graph: ir.Graph, outputs: list[ir.Value], feeds: dict[str, np.ndarr
 
 
 def _slice(graph: ir.Graph, outputs: list[ir.Value]) -> ir.Graph:
-    needed = _needed(outputs)
+    needed = _needed(graph, outputs)
     mapping: dict[int, ir.Value] = {}
     inputs = []
     for value in graph.inputs:
@@ -55,19 +56,13 @@ def _slice(graph: ir.Graph, outputs: list[ir.Value]) -> ir.Graph:
     return ir.Graph(inputs, outs, nodes=nodes, initializers=initializers, opset_imports=dict(graph.opset_imports))
 
 
-def _needed(outputs: list[ir.Value]) -> set[int]:
-    found, stack = set(), list(outputs)
-    while stack:
-        value = stack.pop()
-        if id(value) in found:
-            continue
-        found.add(id(value))
-        node = value.producer()
-        if node is not None:
-            stack.extend(v for v in node.inputs if v is not None)
-            if any(attr.type == ir.AttributeType.GRAPH for attr in node.attributes.values()):
-                raise PassError(f"the position table {value.name} is computed with a subgraph ({node.op_type}); "
-                                "kv_cache cannot evaluate it.")
+def _needed(graph: ir.Graph, outputs: list[ir.Value]) -> set[int]:
+    found = ancestors(outputs)
+    for node in graph:
+        if any(id(v) in found for v in node.outputs) and \
+                any(attr.type == ir.AttributeType.GRAPH for attr in node.attributes.values()):
+            raise PassError(f"a position table is computed with a subgraph ({node.op_type} {node.name}); "
+                            "kv_cache cannot evaluate it.")
     return found
 
 

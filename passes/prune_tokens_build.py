@@ -16,6 +16,7 @@ from typing import Any
 
 import onnx_ir as ir
 
+from passes.graph_util import values_by_name
 from passes import prune_tokens_plan as plan
 from passes.prune_tokens_ops import Ops
 from passes.prune_tokens_restore import (nearest_kept, needs_restore, proportional_attention, represented,
@@ -25,12 +26,6 @@ from passes.prune_tokens_stage import FRAME_INPUT, FRAME_OUTPUT, base_positions,
 from runtime.errors import PassError
 
 
-def values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:
-    values: dict[str, ir.Value] = {v.name: v for v in graph.inputs if v.name}
-    values.update(graph.initializers)
-    for node in graph:
-        values.update((v.name, v) for v in node.outputs if v.name)
-    return values
 
 
 def taken_names(graph: ir.Graph) -> set[str]:

@@ -25,7 +25,8 @@ import numpy as np
 import onnx_ir as ir
 
 from passes import prune_tokens_plan as plan
-from passes.prune_tokens_build import kept_dim, regions, taken_names, values_by_name
+from passes.graph_util import values_by_name
+from passes.prune_tokens_build import kept_dim, regions, taken_names
 from passes.prune_tokens_ops import Ops, gather_tokens, scatter_add
 from passes.prune_tokens_restore import proportional_attention, reroute_readers
 from passes.prune_tokens_scores import BIG, sort_ascending

@@ -34,6 +34,7 @@ import json
 import numpy as np
 import onnx_ir as ir
 
+from passes.graph_util import values_by_name
 from runtime.errors import PassError
 
 KEY = "carve.kv_scales"
@@ -48,7 +49,7 @@ def check_kv(kv: str) -> None:
 
 def locate(model: ir.Model, model_map) -> tuple[list[tuple[int, str, str]], list[str]]:
     """[(layer, key value, value value)] and notes for the blocks without them."""
-    values = _values(model.graph)
+    values = values_by_name(model.graph)
     found, notes = [], []
     for block in getattr(model_map, "blocks", None) or []:
         att = block.attention
@@ -75,11 +76,6 @@ def _cache_points(model: ir.Model, values, layer: int, att) -> tuple[str | None,
         return _cached(values, att.k, scores, att.q, att), _cached(values, att.v, att.output, att.probs, att)
 
 
-def _values(graph: ir.Graph) -> dict[str, ir.Value]:
-    out = {v.name: v for v in graph.inputs}
-    for node in graph:
-        out.update((v.name, v) for v in node.outputs if v.name)
-    return out
 
 
 def _softmax_input(model: ir.Model, name: str | None) -> str | None:
@@ -165,7 +161,7 @@ def _layer(index: int, key: str, value: str, peaks: dict[str, np.ndarray]) -> di
 def record(model: ir.Model, scales: dict) -> None:
     """Write the record into the model's metadata and each tensor's producing node."""
     model.metadata_props[KEY] = json.dumps(scales, sort_keys=True)
-    values = _values(model.graph)
+    values = values_by_name(model.graph)
     for layer in scales["layers"]:
         for kind in ("key", "value"):
             producer = values[layer[kind]].producer() if layer[kind] in values else None

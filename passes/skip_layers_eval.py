@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
+from passes.graph_util import values_by_name
 from passes.skip_layers_linear import SpanMaps
 from passes.skip_layers_rewrite import Unit, apply_skip
 from passes.skip_layers_score import Metric, block_influence, reference_run, session, token_mask
@@ -53,7 +54,7 @@ class Segment:
 def plan(model: ir.Model, units: list[Unit], main_output: str) -> list[Segment] | None:
     """Segments for every unit and the tail, or None when the stream cut is not exact."""
     graph = model.graph
-    values = _values(graph)
+    values = values_by_name(graph)
     if units[0].input not in values or main_output not in values:
         return None
     stream = _forward(values[units[0].input])
@@ -70,11 +71,6 @@ def plan(model: ir.Model, units: list[Unit], main_output: str) -> list[Segment] 
     return segments
 
 
-def _values(graph: ir.Graph) -> dict[str, ir.Value]:
-    values = {v.name: v for v in graph.inputs}
-    for node in graph:
-        values.update((v.name, v) for v in node.outputs)
-    return values
 
 
 def _forward(start: ir.Value) -> set[ir.Value]:

@@ -27,6 +27,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common
 
 from optimizer.structure import require_blocks
+from passes.graph_util import values_by_name
 from passes.skip_layers_linear import SpanMaps, insert_map, spans
 from optimizer.structure_types import ModelMap
 from runtime.errors import PassError
@@ -79,7 +80,7 @@ def apply_skip(model: ir.Model, units: list[Unit], skip: tuple[int, ...], maps: 
     """
     if not skip:
         return 0
-    values = _values_by_name(model.graph)
+    values = values_by_name(model.graph)
     before = model.graph.num_nodes()
     # Last span to first: bypassing a span moves its output's uses onto its input, which is an
     # output of the units before it; bypassing an earlier span later moves them again.
@@ -107,9 +108,3 @@ def _bypass(graph: ir.Graph, output: ir.Value, replacement: ir.Value) -> None:
                 graph.outputs[i] = kept
     output.replace_all_uses_with(replacement)
 
-
-def _values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:
-    values: dict[str, ir.Value] = {v.name: v for v in graph.inputs if v.name}
-    for node in graph:
-        values.update((v.name, v) for v in node.outputs if v.name)
-    return values

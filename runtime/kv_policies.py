@@ -24,13 +24,15 @@ RoPE; carve's cache holds them after RoPE, so positions keep their original valu
 
 from __future__ import annotations
 
+import abc
+
 import numpy as np
 
 from runtime.errors import FeedError
 from runtime.kv import KVCache
 
 
-class Policy:
+class Policy(abc.ABC):
     name = "policy"
 
     def __init__(self, size: int, sinks: int = 0, recent: int = 0):
@@ -66,8 +68,9 @@ class Policy:
     def forget(self, keep) -> None:
         pass
 
+    @abc.abstractmethod
     def choose(self, length: int, budget: int):
-        raise NotImplementedError
+        """The token columns to keep: ``budget`` of the ``length`` cached (per layer when a list)."""
 
     def describe(self) -> str:
         return (f"KV policy {self.name} (size {self.size}): evicted {self.evicted_tokens} token slots, "
