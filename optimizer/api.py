@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from optimizer.artifact import Artifact, write_artifact
+from optimizer.draft import check_draft_plan, finish_draft
 from optimizer.lower import TARGETS, lower
 from optimizer.pipeline import PassContext, PassRecord, run_pipeline
 from optimizer.progress import Progress
@@ -57,16 +58,18 @@ def run_optimize(model_or_path, example_inputs=None, passes=None, target="ort-cp
     original = ir.serde.serialize_model(source.model).SerializeToString()
     ctx = PassContext(target=target, example_feeds=source.example_feeds, calibration=source.spec, progress=progress)
     model, records = run_pipeline(source.model, specs, ctx)
+    draft = finish_draft(ctx, specs, records, target)  # skip_layers:draft=true's skipped copy, or None
     with progress.step(f"lowering for {target}"):
         model, lowering = lower(model, target)
     out = Path(output) if output is not None else Path(tempfile.mkdtemp(prefix="carve-")) / "artifact"
     from optimizer.tokenizer_files import tokenizer_files
 
+    fields = {"source": source.info, "family": source.family, "target": target}
+    if draft is not None:
+        draft.fields = {**fields, **draft.fields}
     with progress.step(f"writing {out}"):
-        artifact = write_artifact(model, out, {
-            "source": source.info, "family": source.family, "target": target,
-            "passes": [r.to_json() for r in records], "lowering": lowering,
-        }, extra_files=tokenizer_files(source))
+        artifact = write_artifact(model, out, {**fields, "passes": [r.to_json() for r in records], "lowering": lowering},
+                                  extra_files=tokenizer_files(source), draft=draft)
     _build_engines(artifact, target, progress)
     return Optimized(artifact, source, records, original)
 
@@ -100,5 +103,5 @@ def _plan(passes, recipe, target) -> tuple[list[PassSpec], str]:
         raise PassError(f"unknown target {target!r}; the targets are: {', '.join(TARGETS)}.")
     from optimizer.pipeline import instantiate
 
-    instantiate(specs)  # unknown names and bad options fail before any tracing
+    check_draft_plan(instantiate(specs), target)  # unknown names and bad options fail before any tracing
     return specs, target

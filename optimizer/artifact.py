@@ -3,6 +3,10 @@
 Everything is written into a hidden temporary directory beside the destination, hashed, and
 then renamed into place, so an interrupted or failing run never leaves a half-written artifact.
 An existing destination is replaced only if it is itself a carve artifact or an empty directory.
+
+A self-draft (``skip_layers:draft=true``) is a complete artifact of its own in ``draft/``, written
+inside the same temporary directory; the main manifest's ``draft`` entry holds the sha256 of the
+draft's manifest, which in turn hashes the draft's files (docs/artifact.md).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from runtime.manifest import FORMAT, FORMAT_VERSION, MANIFEST, read_manifest, sh
 
 MODEL_FILE = "model.onnx"
 EXTERNAL_DATA = "model.onnx.data"
+DRAFT_DIR = "draft"
 _EXTERNAL_THRESHOLD = 64 << 20  # keep small models in one file; large ones get external data
 
 
@@ -64,34 +69,64 @@ def shape_list(shape: ir.Shape | None) -> list[int | str | None] | None:
     return [d if isinstance(d, int) else (d.value if d.value is not None else None) for d in shape]
 
 
-def write_artifact(model: ir.Model, out_dir: str | Path, fields: dict[str, Any],
-                   extra_files: dict[str, bytes] | None = None) -> Artifact:
-    """Write ``model`` and a manifest holding ``fields`` (source, target, passes...) to ``out_dir``;
-    ``extra_files`` (name -> bytes: the tokenizer) go beside it and are hashed like the model."""
-    import optimizer
+@dataclass
+class DraftPart:
+    """A self-draft to write into ``draft/``: its graph, its manifest fields, the units it skips."""
 
+    model: ir.Model
+    fields: dict[str, Any]
+    skipped: list[str]
+
+
+def write_artifact(model: ir.Model, out_dir: str | Path, fields: dict[str, Any],
+                   extra_files: dict[str, bytes] | None = None, draft: DraftPart | None = None) -> Artifact:
+    """Write ``model`` and a manifest holding ``fields`` (source, target, passes...) to ``out_dir``;
+    ``extra_files`` (name -> bytes: the tokenizer) go beside it and are hashed like the model;
+    ``draft`` becomes a complete artifact in ``draft/`` with the same extra files."""
     out = Path(out_dir)
     _check_destination(out)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
         tmp.mkdir(parents=True)
-        _save_model(model, tmp)
-        for name, data in (extra_files or {}).items():
-            (tmp / name).write_bytes(data)
-        manifest = {
-            "format": FORMAT, "format_version": FORMAT_VERSION, "carve_version": optimizer.__version__,
-            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "model": MODEL_FILE,
-            "inputs": signature(model.graph.inputs), "outputs": signature(model.graph.outputs),
-            **fields,
-            "files": {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in sorted(tmp.iterdir())},
-        }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=_jsonable) + "\n")
+        more = {}
+        if draft is not None:
+            (tmp / DRAFT_DIR).mkdir()
+            _write_contents(draft.model, tmp / DRAFT_DIR, draft.fields, extra_files)
+            more["draft"] = _draft_entry(tmp / DRAFT_DIR, draft)
+        manifest = _write_contents(model, tmp, {**fields, **more}, extra_files)
         _swap_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return Artifact(out, manifest)
+
+
+def _write_contents(model: ir.Model, directory: Path, fields: dict[str, Any],
+                    extra_files: dict[str, bytes] | None) -> dict[str, Any]:
+    """The model, the extra files and a manifest hashing every file directly in ``directory``."""
+    import optimizer
+
+    _save_model(model, directory)
+    for name, data in (extra_files or {}).items():
+        (directory / name).write_bytes(data)
+    manifest = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "carve_version": optimizer.__version__,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "model": MODEL_FILE,
+        "inputs": signature(model.graph.inputs), "outputs": signature(model.graph.outputs),
+        **fields,
+        "files": {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+                  for p in sorted(directory.iterdir()) if p.is_file()},
+    }
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2, default=_jsonable) + "\n")
+    return manifest
+
+
+def _draft_entry(directory: Path, draft: DraftPart) -> dict[str, Any]:
+    """The main manifest's pointer to the draft: hashing the draft's manifest covers its files."""
+    size = sum(p.stat().st_size for p in directory.iterdir() if p.is_file())
+    return {"path": DRAFT_DIR, "manifest_sha256": sha256_file(directory / MANIFEST), "skipped": draft.skipped,
+            "bytes": size}
 
 
 def _save_model(model: ir.Model, directory: Path) -> None:

@@ -43,6 +43,7 @@ class PassContext:
     example_feeds: dict[str, Any] | None = None
     calibration: Any = None  # a built-in ModelSpec or name, or feeds, that passes calibrate on
     progress: Progress = field(default_factory=Progress)
+    draft: Any = None  # a self-draft graph a pass split off (skip_layers:draft=true); optimizer.draft finishes it
     _map: Any = None
     _map_of: int | None = None
 

@@ -63,6 +63,7 @@ class SkipLayers(Pass):
         generations: int = 20
         population: int = 12  # offspring per generation
         samples: int = 16  # calibration samples (sequences or images)
+        draft: bool = False  # keep the graph whole; the skipped copy becomes the artifact's self-draft
 
         def validate(self) -> None:
             _validate(self)
@@ -75,14 +76,30 @@ class SkipLayers(Pass):
         if explicit is None:
             _check_budget(opts.count, len(units), what)
         if explicit == () or opts.count == 0:
-            return PassResult(model=model, sites=0, details={"mode": "static", "unit": what, "removed": []})
+            _keep_draft(model, units, (), None, ctx, opts)
+            return PassResult(model=model, sites=0, details={"mode": "static", "unit": what, "removed": [],
+                                                             "draft": opts.draft})
         study = _study(model, units, ctx, opts)
         wanted = len(explicit) if explicit else opts.count
         with ctx.progress.step(f"skip_layers: choosing {wanted} of {len(units)} {what}s"):
             chosen, curve, method = _choose(study, explicit, opts)
         details = _details(study, chosen, curve, method, explicit is None, opts, what)
+        if _keep_draft(model, units, tuple(sorted(chosen)), study.evaluator.maps, ctx, opts):
+            return PassResult(model=model, sites=0, details={**details, "draft": True})
         apply_skip(model, units, tuple(sorted(chosen)), study.evaluator.maps)
         return PassResult(model=model, sites=len(chosen), details=details)
+
+
+def _keep_draft(model: ir.Model, units: list[Unit], chosen: tuple[int, ...], maps: Any, ctx: PassContext,
+                opts: Any) -> bool:
+    """With ``draft=true`` the skip set is applied to a copy (weights shared in memory), which the
+    passes after this one finish into the artifact's ``draft/`` (``optimizer.draft``)."""
+    if not opts.draft:
+        return False
+    draft = model.clone()
+    apply_skip(draft, units, chosen, maps)
+    ctx.draft = draft
+    return True
 
 
 def _validate(opts: Any) -> None:
