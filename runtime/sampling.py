@@ -41,7 +41,12 @@ class Sampler:
         return np.array([self._sample(row) for row in logits.astype(np.float64)])
 
     def _sample(self, logits: np.ndarray) -> int:
-        probs = _softmax(logits / self.temperature)
+        return self.draw(self.distribution(logits))
+
+    def distribution(self, logits: np.ndarray) -> np.ndarray:
+        """The probabilities a row of logits is sampled from (temperature, then truncation,
+        renormalised; zero outside the kept tokens). Speculative sampling compares two of them."""
+        probs = _softmax(np.asarray(logits, np.float64) / self.temperature)
         order = np.argsort(-probs, kind="stable")
         keep = np.ones(len(order), bool)
         if self.top_k:
@@ -54,8 +59,19 @@ class Sampler:
             keep &= probs[order] >= min(self.eta, np.sqrt(self.eta) * np.exp(-entropy))
         keep[0] = True
         chosen = order[keep]
-        weights = probs[chosen] / probs[chosen].sum()
-        return int(self._rng.choice(chosen, p=weights))
+        out = np.zeros_like(probs)
+        out[chosen] = probs[chosen] / probs[chosen].sum()
+        return out
+
+    def draw(self, probs: np.ndarray) -> int:
+        """One token from a distribution (most likely first, as the seeded stream always drew)."""
+        order = np.argsort(-probs, kind="stable")
+        chosen = order[probs[order] > 0]
+        return int(self._rng.choice(chosen, p=probs[chosen] / probs[chosen].sum()))
+
+    def uniform(self) -> float:
+        """A uniform number in [0, 1) from the same seeded stream."""
+        return float(self._rng.random())
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
