@@ -123,6 +123,9 @@ def _add_generate(sub) -> None:
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-sequence tokens")
     p.add_argument("--kv-policy", metavar="SPEC",
                    help="KV eviction, e.g. 'window:size=256' or 'sinks:sinks=4,size=256' (docs/generate.md)")
+    p.add_argument("--speculative", nargs="?", const="auto", metavar="GAMMA",
+                   help="decode with the artifact's self-draft (skip_layers:draft=true): GAMMA draft tokens per "
+                        "round, or auto (default) to choose it online (docs/generate.md)")
     p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads")
     p.add_argument("--json", action="store_true", help="print tokens, text and timing as JSON")
 

@@ -2,7 +2,9 @@
 
 The reply is printed as it is generated (decoded text, flushed per token); timing (time to first
 token, tokens per second, KV bytes) goes to stderr, or everything as JSON with ``--json``.
-``--ids`` takes token ids instead of text (for artifacts without a tokenizer).
+``--ids`` takes token ids instead of text (for artifacts without a tokenizer). ``--speculative``
+decodes with the artifact's self-draft (``runtime.speculative``): a fixed number of draft tokens
+per round, or ``auto`` (the default when no number is given) for the UCBSpec bandit.
 """
 
 from __future__ import annotations
@@ -26,8 +28,12 @@ def cmd_generate(args) -> int:
     stops = [] if args.ignore_eos or text is None else text.stop_tokens()
     sampler = Sampler(args.temperature, args.top_k, args.top_p, args.eta, args.seed)
     stream = _Stream(text) if text is not None and not args.json else None
-    result = generate(session, [prompt], max_new_tokens=args.max_new_tokens, sampler=sampler, stop_tokens=stops,
-                      pad_token=text.pad_token() if text else 0, callback=stream, policy=make_policy(args.kv_policy))
+    if getattr(args, "speculative", None) is not None:
+        result = _speculative(args, session, prompt, sampler, stops, stream)
+    else:
+        result = generate(session, [prompt], max_new_tokens=args.max_new_tokens, sampler=sampler, stop_tokens=stops,
+                          pad_token=text.pad_token() if text else 0, callback=stream,
+                          policy=make_policy(args.kv_policy))
     if args.json:
         report = result.to_json()
         if text is not None:
@@ -44,6 +50,19 @@ def cmd_generate(args) -> int:
     for note in result.notes:
         print(note, file=sys.stderr)
     return 0
+
+
+def _speculative(args, session, prompt, sampler, stops, stream):
+    """``--speculative[=GAMMA|auto]``: the artifact's self-draft proposes, the model verifies."""
+    from runtime.draft import load_draft
+    from runtime.speculative import speculative_generate
+
+    if args.kv_policy:
+        raise FeedError("--kv-policy does not combine with --speculative (rolled-back drafts and evicted tokens "
+                        "would disagree); drop one of them.")
+    draft = load_draft(args.artifact, threads=args.threads)
+    return speculative_generate(session, draft, [prompt], max_new_tokens=args.max_new_tokens,
+                                gamma=args.speculative, sampler=sampler, stop_tokens=stops, callback=stream)
 
 
 def _prompt_ids(args, text) -> list[int]:

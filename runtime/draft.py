@@ -9,7 +9,8 @@ checks the chain: the main manifest, the draft manifest's hash, then the draft's
 KV cache, the same vocabulary (the logits' last dimension) and, where both artifacts carry a
 tokenizer, the same tokenizer file. Each failure is one ``ArtifactError``/``FeedError`` sentence:
 no draft entry, a draft path that leaves the artifact, a missing or changed draft manifest, a
-draft without a KV cache, another vocabulary, another tokenizer.
+draft without a KV cache, another vocabulary, another tokenizer, positional skipping (its
+layers' caches differ in length, which rollback does not handle).
 """
 
 from __future__ import annotations
@@ -61,6 +62,9 @@ def check_pair(main: Any, draft: Any) -> None:
         except FeedError:
             raise FeedError(f"the {role} has no KV cache, which speculative decoding needs for both; "
                             f"{MAKE_DRAFT}.") from None
+        if _positional(session):
+            raise FeedError(f"the {role} skips layers per position (skip_layers:mode=positional), whose layers hold "
+                            "caches of different lengths that a rejected draft cannot roll back; use a static draft.")
     vocab_main, vocab_draft = _vocabulary(main), _vocabulary(draft)
     if vocab_main != vocab_draft:
         raise FeedError(f"the draft's vocabulary ({vocab_draft} tokens) differs from the model's ({vocab_main}); "
@@ -74,6 +78,11 @@ def check_pair(main: Any, draft: Any) -> None:
 def _vocabulary(session: Any) -> int | str | None:
     shape = session.outputs[0].get("shape") or [None]
     return shape[-1]
+
+
+def _positional(session: Any) -> bool:
+    passes = (getattr(session, "manifest", None) or {}).get("passes", [])
+    return any(p.get("name") == "skip_layers" and (p.get("options") or {}).get("mode") == "positional" for p in passes)
 
 
 def _tokenizer_hash(session: Any) -> str | None:
