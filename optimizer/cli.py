@@ -80,8 +80,11 @@ def _add_eval(sub) -> None:
                         "'window:size=250;sinks:size=250,sinks=4;heavy:size=250' (needs kv_cache:scores=true for heavy)")
     p.add_argument("--kv-tokens", type=int, default=1000, help="tokens of held-out text for --kv-policies (default 1000)")
     p.add_argument("--stream", type=int, metavar="FRAMES",
-                   help="feature-cache artifacts: run a stream of this many nearly identical frames instead")
+                   help="feature_cache or prune_tokens:mode=frames artifacts: run a stream of this many nearly "
+                        "identical frames instead")
     p.add_argument("--scene", type=int, default=8, help="frames per scene for --stream (default 8)")
+    p.add_argument("--moving", action="store_true",
+                   help="--stream: a patch moving over a still photo instead of noisy scenes")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
 
 

@@ -18,6 +18,9 @@ A call without state (zeros) always recomputes, so the first call and ``carve ru
 ``threshold``: a number, or ``auto`` (the default): calibrated on a stream of real images
 (held-out crops, each repeated with small noise, then cut to the next) as the largest change at
 which reusing the previous output kept the main output's correlation at ``min_corr``.
+Per-token reuse (only the changed tokens recomputed) is ``prune_tokens:mode=frames,fill=cache``:
+it needs that pass's token gather, side-value rewrites and restore, not an ``If``, so
+``per_token=true`` here is refused with that pointer.
 Cases refused with a reason: no blocks, ``after`` outside the model, outputs not computed from
 the residual stream, ``auto`` on a model without image calibration data.
 """
@@ -46,8 +49,13 @@ class FeatureCache(Pass):
         threshold: str = "auto"
         min_corr: float = 0.98
         calib_frames: int = 48
+        per_token: bool = False  # refused: per-token reuse is prune_tokens' frames mode (module doc)
 
         def validate(self) -> None:
+            if self.per_token:
+                raise PassError("feature_cache reuses whole outputs; per-token reuse is "
+                                "prune_tokens:mode=frames,fill=cache,threshold=t (unchanged tokens are dropped and "
+                                "take their previous outputs), use that instead.")
             if self.threshold != "auto":
                 try:
                     value = float(self.threshold)

@@ -81,7 +81,7 @@ class PruneTokens(Pass):
         protect: int = 1  # leading tokens always kept (the CLS)
         protect_ids: tuple[int, ...] = ()  # token ids always kept (e.g. [SEP])
         restore: Literal["auto", "always", "never"] = "auto"
-        fill: Literal["nearest", "last"] = "nearest"  # what restored dropped tokens hold
+        fill: Literal["nearest", "last", "cache"] = "nearest"  # what restored dropped tokens hold
         proportional: bool | None = None  # log(tokens represented) in later scores; auto: when restoring by nearest
 
         def validate(self) -> None:

@@ -18,6 +18,8 @@ import onnx_ir as ir
 
 from passes.graph_util import values_by_name
 from passes import prune_tokens_plan as plan
+from passes.prune_tokens_cache import (CACHE_INPUT, CACHE_OUTPUT, SAVED_OUTPUT, frame_reference, require_per_token,
+                                       restore_from_cache, saved_counter)
 from passes.prune_tokens_ops import Ops
 from passes.prune_tokens_restore import (nearest_kept, needs_restore, proportional_attention, represented,
                                          reroute_readers, scatter_back, take_representatives)
@@ -72,17 +74,21 @@ def build_prune(model: ir.Model, model_map: Any, opts: Any, target: str) -> dict
     tokens.source = opts.source if opts.source != "auto" else ("cls" if opts.protect else "mean")
     last = values[model_map.blocks[-1].output]
     restore, why = decide_restore(opts, last, opts.protect)
+    if opts.fill == "cache":
+        require_per_token(*needs_restore(last, 1, opts.protect))
     cut = regions(graph, [s.gather for s in stages], last if restore else None)
     # kept tokens stand for the dropped ones they will fill: give them their attention share
     proportional = opts.proportional if opts.proportional is not None else restore and opts.fill == "nearest"
     readers, last_shape = list(last.uses()), last.shape
     ops = Ops(graph, "prune_tokens", taken_names(graph))
-    frame_state = frame_io(graph, stages[0].gather, ops) if opts.mode == "frames" else None
+    frame_state = frame_io(graph, stages[0].gather, ops, opts.fill != "cache") if opts.mode == "frames" else None
     positions = base_positions(ops, stages[0].gather)
     token_map = positions  # fill=nearest: each original token's representative in the current set
     previous_dim, previous_nodes, steps, records = tokens.dim, set(), [], []
     for i, (stage, nodes) in enumerate(zip(stages, cut)):
         kept = prune_stage(ops, stage, tokens, positions, i == 0, opts, frame_state)
+        if frame_state is not None:
+            _frame_outputs(graph, ops, opts, stage, kept, frame_state, len(model_map.blocks))
         dim = kept_dim(tokens.dim, kept.static, i)
         fresh = {id(v) for n in ops.nodes for v in n.outputs}
         region = Region(nodes, stage.gather, kept.stream, kept.positions, kept.relative, kept.count, dim,
@@ -101,7 +107,9 @@ def build_prune(model: ir.Model, model_map: Any, opts: Any, target: str) -> dict
             proportional_attention(ops, model_map, {b: size for b in range(stage.block, end)})
         positions, previous_dim, previous_nodes = kept.positions, dim, {id(n) for n in nodes}
         records.append(_record(model_map, stage, kept.static, opts, rewritten) | {"indices": kept.relative.name})
-    if restore and opts.fill == "nearest":
+    if restore and opts.fill == "cache":
+        restore_from_cache(graph, ops, last, positions, readers, last_shape)
+    elif restore and opts.fill == "nearest":
         full = take_representatives(ops, last, token_map)
         reroute_readers(graph, last, full, readers, last_shape)
     elif restore:
@@ -111,6 +119,14 @@ def build_prune(model: ir.Model, model_map: Any, opts: Any, target: str) -> dict
     details["proportional_attention"] = proportional
     details["tokens_per_block"] = _ratios(stages, len(model_map.blocks), opts)
     return details
+
+
+def _frame_outputs(graph: ir.Graph, ops: Ops, opts: Any, stage, kept, frame_state: ir.Value, blocks: int) -> None:
+    """``fill=cache``'s frame state output; the saved-work counter of a data-dependent K."""
+    if opts.fill == "cache":
+        frame_reference(graph, ops, frame_state, kept.positions, kept.stream)
+    if opts.threshold is not None:
+        saved_counter(graph, ops, stage.gather, kept.count, blocks - stage.block)
 
 
 def _weights(ops: Ops, tokens) -> ir.Value:
@@ -149,6 +165,10 @@ def _details(opts: Any, records: list, restore: bool, why: str, tokens) -> dict[
     if opts.mode == "frames":
         details["state"] = {"input": FRAME_INPUT, "output": FRAME_OUTPUT, "first_call": "zeros",
                             "contract": f"feed each call's {FRAME_OUTPUT} as the next call's {FRAME_INPUT}"}
+        if opts.fill == "cache":
+            details["state"]["cache"] = {"input": CACHE_INPUT, "output": CACHE_OUTPUT}
+        if opts.threshold is not None:
+            details["state"]["counter"] = SAVED_OUTPUT
     return details
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import onnx_ir as ir
 
+from passes.prune_tokens_cache import check_cache_options
 from passes.prune_tokens_scores import TOPK_LIMIT
 from passes.prune_tokens_side import TokenDim
 from passes.prune_tokens_stage import Stage, Tokens
@@ -40,6 +41,7 @@ def validate(opts: Any) -> None:
         raise PassError(f"prune_tokens r is the merge count of mode=merge; mode={opts.mode} uses keep or schedule.")
     if opts.mode == "frames" and opts.schedule is not None:
         raise PassError("prune_tokens mode=frames compares one point with the previous frame; use after=k, not a schedule.")
+    check_cache_options(opts)
     if opts.iterations < 1 or opts.protect < 0:
         raise PassError("prune_tokens needs iterations >= 1 and protect >= 0.")
 

@@ -9,7 +9,8 @@ Criteria (each gives a float ``[batch, N]`` score, higher = keep):
   ``s <- s A`` from a uniform start over the valid tokens, renormalised, ``iterations`` times
   (Zero-TPrune's second, similarity-based stage is not done);
 - ``frame_change``: TimeChat-Online's differential drop: 1 - cosine between each token's
-  features and the previous frame's at the same position (a zero previous frame gives 1).
+  features and the previous frame's at the same position (a zero previous frame gives 1, and
+  ``first_call`` makes every token of such a row pass a threshold).
 
 ``adjust`` makes protected tokens (CLS, special token ids) win and padding (attention mask 0)
 lose, so masked tokens are the first to go. ``select_static`` keeps ``K = ceil(r * N)`` tokens:
@@ -58,6 +59,13 @@ def frame_change(ops: Ops, x: ir.Value, previous: ir.Value) -> ir.Value:
     norms = ops.op("Mul", _norm(ops, x), _norm(ops, previous))
     cosine = ops.op("Div", dot, ops.op("Max", norms, ops.f32(1e-6)))
     return ops.op("Sub", ops.f32(1.0), cosine)
+
+
+def first_call(ops: Ops, previous: ir.Value) -> ir.Value:
+    """``[batch, 1]`` bool: the rows whose previous frame is all zeros (the first call of a stream),
+    where every token counts as new whatever the threshold."""
+    magnitude = ops.op("ReduceMax", ops.op("Abs", previous), ops.i64(1, 2), keepdims=0)
+    return ops.op("Unsqueeze", ops.op("Equal", magnitude, ops.f32(0.0)), ops.i64(1))
 
 
 def _norm(ops: Ops, x: ir.Value) -> ir.Value:

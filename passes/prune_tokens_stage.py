@@ -109,6 +109,8 @@ def _scores(ops: Ops, stage: Stage, x: ir.Value, valid, opts: Any, frame_state, 
     if opts.mode == "frames":
         change = sc.frame_change(ops, x, frame_state)
         passing = None if opts.threshold is None else ops.op("GreaterOrEqual", change, ops.f32(opts.threshold))
+        if passing is not None:
+            passing = ops.op("Or", passing, sc.first_call(ops, frame_state))
         if passing is not None and valid is not None:
             passing = ops.op("And", passing, valid)
         return change, passing
@@ -122,11 +124,14 @@ def _scores(ops: Ops, stage: Stage, x: ir.Value, valid, opts: Any, frame_state, 
     return scores, passing if valid is None else ops.op("And", passing, valid)
 
 
-def frame_io(graph: ir.Graph, x: ir.Value, ops: Ops) -> ir.Value:
+def frame_io(graph: ir.Graph, x: ir.Value, ops: Ops, output: bool = True) -> ir.Value:
     """Add the frame state pair: an input with the previous frame's features at the gather point,
-    and an output with this frame's (feed one call's output to the next call's input; zeros first)."""
+    and an output with this frame's (feed one call's output to the next call's input; zeros first).
+    ``fill=cache`` makes its own output after the stage (``prune_tokens_cache.frame_reference``)."""
     previous = ir.Value(name=FRAME_INPUT, type=ir.TensorType(x.dtype or ir.DataType.FLOAT), shape=x.shape)
     graph.inputs.append(previous)
+    if not output:
+        return previous
     current = ops.op("Identity", x)
     current.name, current.dtype, current.shape = FRAME_OUTPUT, x.dtype, x.shape
     graph.outputs.append(current)

@@ -4,9 +4,12 @@
 call returned: for the ``feature_cache`` pass the last computed residual and outputs (calls whose
 input barely changed skip the model after the first block; ``recomputed``/``calls`` count how
 often the rest ran), for ``prune_tokens:mode=frames`` the previous frame's token features
-(tokens that did not change are dropped). With ``exact=N`` it also keeps
-the outputs of the last N distinct inputs, keyed by a hash of the feeds, so an input seen before
-(the same image) returns its outputs without running anything.
+(tokens that did not change are dropped) and, with ``fill=cache``, every token's last output
+(dropped tokens reuse it; ``token_blocks_saved`` adds up the token-block evaluations skipped).
+State is name-driven: ``STATE_PAIRS`` maps each state output to the input the next call gets it
+on, and ``feature_cache.previous.<output>`` inputs get the call's own outputs. With ``exact=N``
+it also keeps the outputs of the last N distinct inputs, keyed by a hash of the feeds, so an
+input seen before (the same image) returns its outputs without running anything.
 
 A plain ``Session.run`` of such an artifact gets zero state (``stateless_feeds``): the feature
 cache then recomputes and the frames criterion counts every token as changed, so the first call
@@ -26,10 +29,14 @@ RESIDUAL_OUT = "feature_cache.next_residual"
 RECOMPUTED = "feature_cache.recomputed"
 PREVIOUS = "feature_cache.previous."
 FRAME_IN, FRAME_OUT = "prune_tokens_previous_frame", "prune_tokens_frame_features"
+CACHE_IN, CACHE_OUT = "prune_tokens_previous_output", "prune_tokens_output_features"
+SAVED = "prune_tokens_token_blocks_saved"
+STATE_PAIRS = {RESIDUAL_OUT: RESIDUAL_IN, FRAME_OUT: FRAME_IN, CACHE_OUT: CACHE_IN}  # output -> next call's input
+_NOT_RESULTS = set(STATE_PAIRS) | {RECOMPUTED, SAVED}
 
 
 def _is_state(name: str) -> bool:
-    return name in (RESIDUAL_IN, FRAME_IN) or name.startswith(PREVIOUS)
+    return name in STATE_PAIRS.values() or name.startswith(PREVIOUS)
 
 
 def has_state(inputs: list[dict]) -> bool:
@@ -63,10 +70,9 @@ class StreamSession:
     def __init__(self, session: Any, exact: int = 0):
         self.session, self.exact = session, exact
         self.stateful = has_state(session.inputs)
-        self.outputs = [o["name"] for o in session.outputs
-                        if not o["name"].startswith("feature_cache.") and o["name"] != FRAME_OUT]
+        self.outputs = [o["name"] for o in session.outputs if o["name"] not in _NOT_RESULTS]
         self.state: dict[str, np.ndarray] = {}
-        self.calls = self.recomputed = self.exact_hits = 0
+        self.calls = self.recomputed = self.exact_hits = self.token_blocks_saved = 0
         self._seen: OrderedDict[bytes, dict] = OrderedDict()
 
     def run(self, feeds: dict) -> dict[str, np.ndarray]:
@@ -91,11 +97,10 @@ class StreamSession:
         same_shape = bool(self.state) and all(v.shape[0] == batch for v in self.state.values())
         outs = self.session.run({**feeds, **(self.state if same_shape else {})})
         self.recomputed += bool(outs.get(RECOMPUTED, True))
-        self.state = {}
+        self.token_blocks_saved += int(np.sum(outs.get(SAVED, 0)))
+        self.state = {STATE_PAIRS[name]: value for name, value in outs.items() if name in STATE_PAIRS}
         if RESIDUAL_OUT in outs:
-            self.state.update({RESIDUAL_IN: outs[RESIDUAL_OUT], **{PREVIOUS + n: outs[n] for n in self.outputs}})
-        if FRAME_OUT in outs:
-            self.state[FRAME_IN] = outs[FRAME_OUT]
+            self.state.update({PREVIOUS + n: outs[n] for n in self.outputs})
         return {n: outs[n] for n in self.outputs}
 
     def reset(self) -> None:
