@@ -4,8 +4,9 @@
 tokens of held-out news, prefills the first ``size - 1`` of them, then feeds the rest one at a
 time through the cache (teacher forcing), letting each policy evict before every step. Per
 policy it reports perplexity, the fraction of positions whose most likely next token equals the
-full cache's, and the KV bytes held at the end against the full cache's. The full cache is the
-first row (no eviction).
+full cache's, and the KV bytes held at the end against the full cache's (for ``minicache``
+the bytes of its merged representation; its prefill is its window). The full cache is the first
+row (no eviction); the policies' own summaries (``describe()``) follow the table.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def eval_policies(session: Any, ids: list[int], specs: list[str], progress: Prog
         policy = make_policy(spec)
         with progress.step(f"{spec} over {len(ids)} tokens"):
             logp, top, kv = _run(session, ids, policy)
-        rows.append(_row(spec, logp, top, full_top, kv, full_bytes))
+        rows.append(_row(spec, logp, top, full_top, kv, full_bytes) | {"note": policy.describe()})
     return {"tokens": len(ids), "rows": rows}
 
 
@@ -52,7 +53,8 @@ def _run(session: Any, ids: list[int], policy) -> tuple[np.ndarray, np.ndarray, 
     shifted = all_logits - all_logits.max(-1, keepdims=True)
     logp = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
     target = tokens[0, 1:]
-    return logp[np.arange(len(target)), target], all_logits.argmax(-1), cache.nbytes()
+    held = cache.nbytes() if policy is None else policy.held_bytes(cache)  # minicache: the merged representation
+    return logp[np.arange(len(target)), target], all_logits.argmax(-1), held
 
 
 def _row(name: str, logp: np.ndarray, top: np.ndarray, full_top: np.ndarray, kv: int, full_kv: int) -> dict:
@@ -66,4 +68,5 @@ def format_policies(result: dict[str, Any]) -> str:
     for r in result["rows"]:
         lines.append(f"{r['policy']:<34}{r['perplexity']:>12.3f}{r['token_agreement']:>12.4f}"
                      f"{r['kv_bytes'] / 1e6:>10.2f}{r['kv_fraction']:>9.0%}")
-    return "\n".join(lines)
+    notes = [r["note"] for r in result["rows"] if r.get("note")]
+    return "\n".join(lines + ([""] + notes if notes else []))

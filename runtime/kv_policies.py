@@ -11,7 +11,14 @@ Given as ``name:key=value,...`` (``carve generate --kv-policy``, ``make_policy``
   same count in every layer (the graph's one attention mask covers all layers);
 - ``pyramid:size=N,...`` and ``adaptive:size=N,...``: heavy hitters with per-layer budgets
   averaging N, falling with depth (PyramidKV) or set from how spread each layer's attention is
-  (DynamicKV-like). Need ``kv_cache:scores=true,layer_masks=true`` (one mask per layer).
+  (DynamicKV-like). Need ``kv_cache:scores=true,layer_masks=true`` (one mask per layer);
+- ``minicache:from=L,threshold=D,window=W,t=T``: no eviction; tokens older than the W most
+  recent have their K and V in layer pairs (L, L+1), (L+2, L+3), ... replaced by MiniCache's
+  reconstruction (``runtime.kv_merge``: one shared direction per pair, each layer's norm, pairs
+  more than D degrees apart kept as they are). The graph still reads full per-layer K and V, so
+  the accuracy effect is real; the bytes reported are those of the merged representation. It is
+  one policy on its own (it does not combine with eviction); on an int8 cache it merges the
+  dequantized vectors and requantizes them.
 
 A policy runs between decoding steps when the cache is full: it evicts down to ``size`` minus
 one sixteenth (at least one token), so the compaction runs once every few steps rather than on
@@ -30,6 +37,7 @@ import numpy as np
 
 from runtime.errors import FeedError
 from runtime.kv import KVCache
+from runtime.kv_merge import MergeSpec, merge_pair, merged_bytes, parse_number, read_vectors, write_vectors
 
 
 class Policy(abc.ABC):
@@ -59,8 +67,25 @@ class Policy(abc.ABC):
         self.forget(keep)
         return mask[:, keep[0] if isinstance(keep, list) else keep]
 
+    @classmethod
+    def parse(cls, name: str, rest: str) -> "Policy":
+        """The policy from its options ``key=value,...`` (all integers)."""
+        options = {}
+        for item in filter(None, rest.split(",")):
+            key, _, value = item.partition("=")
+            if key not in ("size", "sinks", "recent") or not value.isdigit():
+                raise FeedError(f"KV policy option {item!r} is not one of size=N, sinks=N, recent=N.")
+            options[key] = int(value)
+        if "size" not in options:
+            raise FeedError(f"KV policy {name} needs size=N (tokens to keep).")
+        return cls(**options)
+
     def check(self, layout, outputs: list[str]) -> None:
         """Refuse, before anything is generated, an artifact this policy cannot work with."""
+
+    def held_bytes(self, cache: KVCache) -> int:
+        """The bytes the cache's tokens take in this policy's representation."""
+        return cache.nbytes()
 
     def observe(self, cache: KVCache, extra: dict) -> None:
         pass
@@ -183,7 +208,86 @@ def _tokens_for(scores: np.ndarray, mass: float) -> int:
     return int(np.searchsorted(np.cumsum(ordered), mass * ordered.sum()) + 1)
 
 
-POLICIES = {"window": Window, "sinks": Sinks, "heavy": Heavy, "pyramid": Pyramid, "adaptive": Adaptive}
+class MiniCache(Policy):
+    """MiniCache merging of adjacent layers' KV in the live cache (``runtime.kv_merge``): before
+    each step, the tokens that have left the ``window`` most recent get their merged pairs'
+    K and V replaced by the reconstruction (norm times the shared direction), once each. Nothing
+    is evicted; ``held_bytes`` counts merged tokens at the merged representation's size."""
+
+    name = "minicache"
+
+    def __init__(self, window: int = 64, spec: MergeSpec = MergeSpec()):
+        if window < 1:
+            raise FeedError(f"KV policy minicache needs window >= 1 (recent tokens kept unmerged), got {window}.")
+        self.size, self.sinks, self.recent = window, 0, window  # eval prefills size - 1 tokens
+        self.window, self.spec = window, spec
+        self.evicted_tokens = self.evicted_bytes = 0
+        self.done = 0  # tokens before this column are merged
+        self.vectors = self.retained = self.saved_bytes = 0
+
+    @classmethod
+    def parse(cls, name: str, rest: str) -> "MiniCache":
+        options: dict = {}
+        for item in filter(None, rest.split(",")):
+            key, _, value = item.partition("=")
+            if key not in ("from", "threshold", "window", "t"):
+                raise FeedError(f"KV policy option {item!r} is not one of from=L, threshold=DEGREES, window=N, t=T.")
+            options[key] = parse_number(key, value)
+        for key in ("from", "window"):
+            if key in options and options[key] != int(options[key]):
+                raise FeedError(f"minicache option {key} needs a whole number, got {options[key]}.")
+        spec = MergeSpec(None if "from" not in options else int(options["from"]),
+                         options.get("threshold", MergeSpec.threshold), options.get("t", MergeSpec.t))
+        return cls(int(options.get("window", 64)), spec)
+
+    def check(self, layout, outputs: list[str]) -> None:
+        for first, second in self.spec.pairs(len(layout.heads)):
+            if layout.heads[first] != layout.heads[second]:
+                raise FeedError(f"minicache cannot merge layers {first} and {second}: they cache "
+                                f"{layout.heads[first]} and {layout.heads[second]} KV heads; start from another layer.")
+
+    def apply(self, cache: KVCache, mask: np.ndarray, extra: dict) -> np.ndarray:
+        end = cache.length - self.window
+        if end <= self.done:
+            return mask
+        self.check(cache.layout, [])
+        suffixes = [k.suffix for k in cache.layout.kinds]
+        for first, second in self.spec.pairs(len(cache.layout.heads)):
+            for kind in ("key", "value"):
+                index = suffixes.index(kind)
+                scale = suffixes.index(f"{kind}_scale") if f"{kind}_scale" in suffixes else None
+                vectors = [read_vectors(cache, layer, index, scale, self.done, end) for layer in (first, second)]
+                merged = merge_pair(*vectors, self.spec)
+                for layer, rebuilt in zip((first, second), merged.reconstruct()):
+                    write_vectors(cache, layer, index, scale, self.done, end, rebuilt, merged.merged_mask)
+                width = _vector_bytes(cache.layout.kinds, index, scale)
+                self.vectors += merged.vectors
+                self.retained += len(merged.retained)
+                self.saved_bytes += 2 * merged.vectors * width - merged_bytes(merged.vectors, len(merged.retained), width)
+        self.done = end
+        return mask
+
+    def choose(self, length: int, budget: int) -> np.ndarray:
+        return np.arange(length)  # merging evicts nothing
+
+    def held_bytes(self, cache: KVCache) -> int:
+        return cache.nbytes() - self.saved_bytes
+
+    def describe(self) -> str:
+        merged = self.vectors - self.retained
+        return (f"KV policy minicache (window {self.window}, threshold {self.spec.threshold:g} degrees): merged "
+                f"{merged} of {self.vectors} (token, head) vector pairs in merged layer pairs, K and V counted apart "
+                f"({self.retained} retained unmerged), {self.saved_bytes / 1e6:.1f} MB of KV saved")
+
+
+def _vector_bytes(kinds, index: int, scale: int | None) -> int:
+    """Bytes of one cached vector, its int8 scale included."""
+    size = kinds[index].width * kinds[index].dtype.itemsize
+    return size + (kinds[scale].width * kinds[scale].dtype.itemsize if scale is not None else 0)
+
+
+POLICIES = {"window": Window, "sinks": Sinks, "heavy": Heavy, "pyramid": Pyramid, "adaptive": Adaptive,
+            "minicache": MiniCache}
 
 
 def make_policy(spec: str | None) -> Policy | None:
@@ -193,12 +297,4 @@ def make_policy(spec: str | None) -> Policy | None:
     name, _, rest = spec.partition(":")
     if name not in POLICIES:
         raise FeedError(f"unknown KV policy {name!r}; the policies are: {', '.join(POLICIES)}.")
-    options = {}
-    for item in filter(None, rest.split(",")):
-        key, _, value = item.partition("=")
-        if key not in ("size", "sinks", "recent") or not value.isdigit():
-            raise FeedError(f"KV policy option {item!r} is not one of size=N, sinks=N, recent=N.")
-        options[key] = int(value)
-    if "size" not in options:
-        raise FeedError(f"KV policy {name} needs size=N (tokens to keep).")
-    return POLICIES[name](**options)
+    return POLICIES[name].parse(name, rest)

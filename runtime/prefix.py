@@ -7,8 +7,15 @@ looks up its blocks in order; the longest hit is copied into its cache, and only
 prompt is prefilled. At least one prompt token is always recomputed (its logits choose the first
 new token). Entries are dropped oldest first beyond ``max_bytes``.
 
-Exact: a token's K and V depend only on the tokens before it, and RoPE positions are absolute, so
-reused entries equal what the prefill would compute (up to float summation order).
+With ``merge`` (a ``runtime.kv_merge.MergeSpec``), entries are stored MiniCache-merged: per pair
+of adjacent deep layers one direction per token and head plus each layer's norm (pairs further
+apart than the threshold kept whole), and reconstructed when reused, so ``nbytes()`` really
+shrinks while reuse becomes approximate. Merging needs a float cache (not ``kv_cache:kv=int8``)
+and a model with at least two layers from the spec's start; otherwise ``store`` refuses.
+
+Exact without ``merge``: a token's K and V depend only on the tokens before it, and RoPE
+positions are absolute, so reused entries equal what the prefill would compute (up to float
+summation order).
 """
 
 from __future__ import annotations
@@ -19,12 +26,15 @@ from collections import OrderedDict
 import numpy as np
 
 from runtime.kv import KVCache
+from runtime.kv_merge import MergedLayers, MergeSpec
+
+Entry = list[tuple[np.ndarray, ...]] | MergedLayers
 
 
 class PrefixCache:
-    def __init__(self, block: int = 16, max_bytes: int = 1 << 30):
-        self.block, self.max_bytes = block, max_bytes
-        self._entries: OrderedDict[int, list[tuple[np.ndarray, ...]]] = OrderedDict()
+    def __init__(self, block: int = 16, max_bytes: int = 1 << 30, merge: MergeSpec | None = None):
+        self.block, self.max_bytes, self.merge = block, max_bytes, merge
+        self._entries: OrderedDict[int, Entry] = OrderedDict()
         self._keys: dict[bytes, tuple[int, int]] = {}  # prefix hash -> (entry id, tokens)
         self._next = 0
         self.hits = 0
@@ -46,7 +56,9 @@ class PrefixCache:
             return 0
         entry, tokens = best
         self._entries.move_to_end(entry)
-        cache.load([tuple(a[:, :, :tokens] for a in tensors) for tensors in self._entries[entry]])
+        stored = self._entries[entry]
+        layers = stored.restore() if isinstance(stored, MergedLayers) else stored
+        cache.load([tuple(a[:, :, :tokens] for a in tensors) for tensors in layers])
         self.hits += 1
         return tokens
 
@@ -55,16 +67,25 @@ class PrefixCache:
         blocks = list(self._chain(ids))
         if not blocks or blocks[-1][0] in self._keys:
             return
+        snapshot = cache.snapshot(blocks[-1][1])
+        stored = snapshot if self.merge is None else MergedLayers(snapshot, self.merge)
         entry, self._next = self._next, self._next + 1
-        self._entries[entry] = cache.snapshot(blocks[-1][1])
+        self._entries[entry] = stored
         for digest, end in blocks:
             self._keys[digest] = (entry, end)
         self._trim()
 
     def nbytes(self) -> int:
-        return sum(a.nbytes for layers in self._entries.values() for tensors in layers for a in tensors)
+        """Bytes the stored entries take (merged entries at their merged size)."""
+        return sum(_entry_bytes(e) for e in self._entries.values())
 
     def _trim(self) -> None:
         while len(self._entries) > 1 and self.nbytes() > self.max_bytes:
             old, _ = self._entries.popitem(last=False)
             self._keys = {d: (e, n) for d, (e, n) in self._keys.items() if e != old}
+
+
+def _entry_bytes(entry: Entry) -> int:
+    if isinstance(entry, MergedLayers):
+        return entry.nbytes
+    return sum(a.nbytes for tensors in entry for a in tensors)
