@@ -13,6 +13,10 @@ A generation takes seconds, long enough for a shared machine's load to change in
 of one, so the recomputing systems run in lockstep: step t of each system (rotating which goes
 first) before step t + 1 of any, and each system's time is the sum of its own steps. Load
 changes then hit them alike. ``generate()`` is one call and is timed whole, between rounds.
+
+An artifact with a self-draft (``skip_layers:draft=true``) gets a ``carve-speculative`` row too:
+greedy speculative decoding (``runtime.speculative``, gamma chosen online by the UCBSpec bandit),
+timed whole beside the plain cached row; its tokens must match ORT fp32's like every other row.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ NEW_TOKENS = 32
 PROMPT = PROMPTS[0]
 RECOMPUTE = "greedy, recomputes the full sequence per token (no KV cache)"
 CACHED = "greedy, runtime.generate with the artifact's KV cache"
+ORDER = ["carve", "carve-speculative", "ort-fp32", "hf-generate"]
 # Built-ins whose Hugging Face causal LM can run generate(): name -> loader.
 HF_LOADERS = {"smollm2-135m": ("models.smollm2", "load_causal_lm")}
 
@@ -45,6 +50,8 @@ def bench_generation(spec, carve: System, baseline: System, want_hf: bool, runs:
     cached = _cached_system(artifact, prompt, new_tokens, threads, carve)
     stepped = ([] if cached is not None else [_recompute("carve", carve)]) + [_recompute("ort-fp32", baseline)]
     whole: list[System] = [cached] if cached is not None else []
+    if cached is not None:
+        whole += _speculative_systems(artifact, prompt, new_tokens, threads)
     if want_hf:
         with progress.step("loading the Hugging Face model for generate()"):
             whole.append(measured("hf-generate", lambda: _hf_system(spec, prompt, tok, threads, new_tokens)))
@@ -56,7 +63,7 @@ def bench_generation(spec, carve: System, baseline: System, want_hf: bool, runs:
             s.outputs = s.run()
         for r in range(runs):
             _round(ready, calls, prompt, new_tokens, hf_first=r % 2 == 1)
-    table = sorted(stepped + whole, key=lambda s: ["carve", "ort-fp32", "hf-generate"].index(s.name))
+    table = sorted(stepped + whole, key=lambda s: ORDER.index(s.name))
     return {"prompt": prompt_text, "prompt_tokens": int(prompt.shape[1]), "new_tokens": new_tokens, "runs": runs,
             "rows": _rows(table, new_tokens)}
 
@@ -86,6 +93,36 @@ def _cached_system(artifact, prompt: np.ndarray, new_tokens: int, threads: int, 
     session = runtime.load(artifact, threads=threads)
     run = lambda: np.asarray(generate(session, [prompt[0].tolist()], max_new_tokens=new_tokens).tokens[0])  # noqa: E731
     return System("carve", run, carve.size_bytes, CACHED, peak_mem_bytes=carve.peak_mem_bytes)
+
+
+def _speculative_systems(artifact, prompt: np.ndarray, new_tokens: int, threads: int) -> list[System]:
+    """The artifact's self-draft proposing and the model verifying, gamma chosen by the bandit;
+    none without a draft. Its note reports the last run's acceptance and the bandit's pulls."""
+    from runtime.draft import draft_path
+
+    if draft_path(artifact) is None:
+        return []
+    import runtime
+    from runtime.draft import load_draft
+    from runtime.speculative import speculative_generate
+
+    session, draft = runtime.load(artifact, threads=threads), load_draft(artifact, threads=threads)
+    system = System("carve-speculative", None, _bytes(artifact), "")
+
+    def run() -> np.ndarray:
+        result = speculative_generate(session, draft, [prompt[0].tolist()], max_new_tokens=new_tokens, gamma="auto")
+        system.note = f"greedy, {result.notes[0]}"
+        return np.asarray(result.tokens[0])
+
+    system.run = run
+    return [system]
+
+
+def _bytes(artifact) -> int:
+    """The artifact's files on disk, its draft's included."""
+    from pathlib import Path
+
+    return sum(p.stat().st_size for p in Path(artifact).rglob("*") if p.is_file())
 
 
 def _round(stepped: list[System], calls: list[System], prompt: np.ndarray, new_tokens: int, hf_first: bool) -> None:
