@@ -20,7 +20,8 @@ Cases handled: encoders, ViTs and decoders with blocks found by the map; a skipp
 output is a graph output; adjacent skipped units; ``count=0`` or an empty ``blocks`` (the model is
 untouched). ``PassError`` (one sentence) for: no blocks, ``count`` < 0, ``count`` >= the number of
 units, both ``count`` and ``blocks`` (or neither), an index out of range or repeated, an
-exhaustive search too large, ``mode=positional`` (needs a KV-cache runtime, not available yet).
+exhaustive search too large. ``mode=positional`` (SkipDecode on a KV-cached decoder) is
+``passes.skip_layers_positional``, with its own cases and errors.
 
 The record (``details``) lists each removed unit with its Block Influence and its end-to-end
 score when removed alone, the chosen set's score, the search's curve, and the chosen set against
@@ -36,6 +37,7 @@ from typing import Any, Literal
 import onnx_ir as ir
 
 from optimizer.pipeline import Pass, PassContext, PassResult, register
+from passes import skip_layers_positional as positional
 from passes import skip_layers_search as search
 from passes.skip_layers_data import calibration_batches
 from passes.skip_layers_eval import evaluator
@@ -59,6 +61,12 @@ class SkipLayers(Pass):
         sub: bool = False  # units are attention and MLP sub-blocks (2i, 2i+1) instead of blocks
         replace: Literal["none", "linear"] = "none"  # linear: a fitted map instead of each skipped span
         mode: Literal["static", "positional"] = "static"
+        # mode=positional (SkipDecode): blocks skipped per decode position, min up to start, rising
+        # linearly to max at end (passes.skip_layers_positional)
+        min: int = 0
+        max: int | None = None
+        start: int = 0
+        end: int = 512
         seed: int = 0
         generations: int = 20
         population: int = 12  # offspring per generation
@@ -68,8 +76,15 @@ class SkipLayers(Pass):
         def validate(self) -> None:
             _validate(self)
 
+    @property  # type: ignore[override]
+    def changes_signature(self) -> bool:
+        """Positional mode adds the ``skip_layers.count`` input; static mode keeps the signature."""
+        return self.options.mode == "positional"
+
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         opts = self.options
+        if opts.mode == "positional":
+            return positional.run(model, ctx, opts)
         units = units_of(ctx.model_map(model), opts.sub)
         what = "sub-block" if opts.sub else "block"
         explicit = check_skip_set(opts.blocks, units, what) if opts.blocks is not None else None
@@ -104,8 +119,10 @@ def _keep_draft(model: ir.Model, units: list[Unit], chosen: tuple[int, ...], map
 
 def _validate(opts: Any) -> None:
     if opts.mode == "positional":
-        raise PassError("skip_layers mode=positional (SkipDecode) is not available yet: it needs a KV-cache "
-                        "decoding runtime, which carve does not have; use mode=static.")
+        return positional.validate(opts)
+    if opts.max is not None:
+        raise PassError("skip_layers max (with min, start, end) schedules mode=positional; add mode=positional or "
+                        "drop max.")
     if opts.count is not None and opts.blocks is not None:
         raise PassError("skip_layers takes either count (search) or blocks (explicit), not both; drop one.")
     if opts.count is None and opts.blocks is None:

@@ -24,6 +24,7 @@ import numpy as np
 
 from runtime.errors import FeedError
 from runtime.kv import KVCache, KVLayout
+from runtime.kv_skip import SkipSchedule
 from runtime.kv_step import Stepper
 from runtime.sampling import Sampler
 
@@ -72,6 +73,8 @@ def generate(session: Any, prompts: Sequence[Sequence[int]], max_new_tokens: int
     layout = KVLayout.of(session.inputs)
     if policy is not None:
         policy.check(layout, [o["name"] for o in session.outputs])
+        if SkipSchedule.of(getattr(session, "manifest", None)) is not None:  # evicting breaks the skipped layers' prefixes
+            raise FeedError("KV eviction does not combine with positional layer skipping; generate without a policy.")
     cache = KVCache(layout, len(prompts), capacity or ids.shape[1] + max_new_tokens)
     cache.check_room(ids.shape[1] + max_new_tokens - 1 if policy is None else ids.shape[1])
     step = Stepper(session, cache)

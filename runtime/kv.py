@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from runtime.errors import FeedError
+from runtime.kv_skip import default_count
 
 _PAST = re.compile(r"past_key_values\.(\d+)\.(key|value|key_scale|value_scale)$")
 _ORDER = ("key", "value", "key_scale", "value_scale")
@@ -77,7 +78,9 @@ class KVLayout:
 
 def prefill_feeds(inputs: list[dict], feeds: dict) -> dict:
     """Feeds for a cached decoder run without a cache: an empty past and positions counted from
-    the attention mask, so the artifact computes what the full-sequence graph did (a prefill)."""
+    the attention mask, so the artifact computes what the full-sequence graph did (a prefill).
+    A positionally skipping artifact not told how many layers to skip computes them all."""
+    feeds = default_count(inputs, feeds)
     names = {spec["name"] for spec in inputs}
     if not any(_PAST.match(n) for n in names) or any(_PAST.match(k) for k in feeds) or "input_ids" not in feeds:
         return dict(feeds)

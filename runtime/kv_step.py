@@ -4,7 +4,9 @@ With ONNX Runtime the past is bound as input straight from the cache's buffers a
 is bound as output into the cache's other half (``runtime.kv``), so nothing is copied on the
 host; other backends (torch) get numpy feeds and their present is copied into the cache.
 Extra outputs (``attention.{i}``, per-key attention received, when the artifact has them) are
-returned for the eviction policies that need them.
+returned for the eviction policies that need them. An artifact that skips layers positionally
+(``skip_layers:mode=positional``) gets each step's ``skip_layers.count`` from its schedule, and its
+skipped layers' caches do not grow (``runtime.kv_skip``).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from runtime import kv_skip
 from runtime.kv import KVCache
 
 
@@ -23,6 +26,7 @@ class Stepper:
         names = [spec["name"] for spec in session.outputs]
         self.extra = [n for n in names if n.startswith("attention.")]
         self.logits = names[0]
+        self.skip = kv_skip.SkipSchedule.of(getattr(session, "manifest", None))
 
     def __call__(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> tuple[np.ndarray, dict]:
         cache = self.cache
@@ -31,7 +35,12 @@ class Stepper:
         totals = [n + new for n in cache.lengths]
         total = max(totals)
         feeds = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
-        if cache.layout.layer_masks:  # the shared mask becomes one per layer
+        if self.skip is not None:  # positional skipping: the lowest `count` layers keep their cache
+            count = kv_skip.step_count(self.skip, cache.lengths, position_ids)
+            feeds[kv_skip.COUNT] = np.array(count, np.int64)
+            feeds.update(kv_skip.prefix_masks(feeds.pop("attention_mask"), cache.lengths, new))
+            totals = kv_skip.present_lengths(cache.lengths, new, count)
+        elif cache.layout.layer_masks:  # the shared mask becomes one per layer
             feeds.update(_layer_masks(feeds.pop("attention_mask"), totals))
         if cache.layout.static:  # fixed-size buffers: say where the new tokens go, mask the empty slots
             feeds["cache_position"] = np.arange(cache.length, total, dtype=np.int64)

@@ -307,7 +307,7 @@ def test_model_dependent_errors(builtin, options, message):
     ({"count": "-1"}, "must be >= 0"),
     ({"count": "1", "blocks": "2"}, "not both"),
     ({}, "needs count"),
-    ({"count": "1", "mode": "positional"}, "not available yet"),
+    ({"count": "1", "mode": "positional"}, "drop count, which belongs to mode=static"),
     ({"count": "1", "search": "random"}, "is not one of"),
     ({"count": "1", "samples": "0"}, "samples must be >= 1"),
 ])
