@@ -6,7 +6,8 @@ Modes:
 - ``w8``, ``w4``: weight-only int8 / int4, per output channel (``block=0``) or per block of
   32/64/128 input rows (``block``), with an AWQ-style activation-aware scale search and, for
   ``w4``, a search of each block's clipping ratio (``clip``), optionally GPTQ error
-  compensation (``gptq``, ``passes.quantize_gptq``); activations stay float
+  compensation (``gptq``, ``passes.quantize_gptq``); ``w4`` with ``sym=false`` is asymmetric
+  (a float offset per block, ``passes.quantize_asym``); activations stay float
   (``passes.quantize_wonly``, ``passes.quantize_block``);
 - ``w8a8``: int8 weights and static per-tensor symmetric int8 activations, the activation
   scale from calibration (the ``percentile`` of |x|, or of |x/s| after smoothing).
@@ -43,6 +44,7 @@ import onnx_ir as ir
 
 from optimizer.calibrate import zero_channels
 from optimizer.pipeline import Pass, PassContext, PassResult, register
+from passes import quantize_asym_graph as asym_graph
 from passes import quantize_extras as extras
 from passes import quantize_math as qm
 from passes import quantize_wonly as wonly
@@ -85,6 +87,7 @@ class Quantize(Pass):
         kv: str = "none"  # KV-cache scales to compute: none, int8, fp8
         budget: float | None = None  # keep the most sensitive blocks float within this degradation
         gptq: bool = False  # w8/w4: GPTQ error compensation from the calibration Hessian
+        sym: bool = True  # w4: false gives asymmetric int4 (q in 0..15, a float offset per block)
 
         def validate(self) -> None:
             if self.mode not in MODES:
@@ -94,6 +97,7 @@ class Quantize(Pass):
                 raise PassError(f"block={self.block} applies to the weight-only modes w8 and w4; drop it for mode {self.mode}.")
             if self.mode == "w4" and not self.per_channel:
                 raise PassError("mode w4 needs per-channel or block-wise scales; drop per_channel=false.")
+            wonly.check_sym(self)
             extras.validate(self)
             skip_words(self.skip)
             if self.calib_samples < 1:
@@ -205,7 +209,7 @@ class _Plan:
     act_scale: float | None = None
     how: str | None = None
     stats: Any = None
-    quantized: list[tuple[np.ndarray, np.ndarray]] | None = None  # (q, scale) per site
+    quantized: list[tuple] | None = None  # (q, scale, offset or None) per site
 
 
 def _plan(x: ir.Value, sites: list[Site], stats, opts, fmt) -> _Plan:
@@ -225,7 +229,7 @@ def scaled_weight(site: Site, plan: _Plan) -> np.ndarray:
 
 
 def _quantize_group(plan: _Plan, opts, fmt) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(q, scale) per site: GPTQ on the group's joint weight when asked and possible, else each alone."""
+    """(q, scale, offset) per site: GPTQ on the group's joint weight when asked and possible, else each alone."""
     gram = getattr(plan.stats, "gram", None)
     if not (opts.gptq and fmt is not None and opts.per_channel and gram is not None):
         return [_quantized(site, plan, opts, fmt) for site in plan.sites]
@@ -236,13 +240,13 @@ def _quantize_group(plan: _Plan, opts, fmt) -> list[tuple[np.ndarray, np.ndarray
     joint = np.concatenate([scaled_weight(site, plan) for site in plan.sites], axis=1)
     q, scale = gptq(joint, gram, fmt, clip_on(opts, fmt))
     edges = np.cumsum([0] + [site.weight.shape[1] for site in plan.sites])
-    return [(q[:, a:b], scale[..., a:b]) for a, b in zip(edges[:-1], edges[1:])]
+    return [(q[:, a:b], scale[..., a:b], None) for a, b in zip(edges[:-1], edges[1:])]
 
 
-def _quantized(site: Site, plan: _Plan, opts, fmt) -> tuple[np.ndarray, np.ndarray]:
+def _quantized(site: Site, plan: _Plan, opts, fmt) -> tuple:
     weight = scaled_weight(site, plan)
     if fmt is None or not opts.per_channel:
-        return qm.quantize_weight(weight, opts.per_channel)
+        return (*qm.quantize_weight(weight, opts.per_channel), None)
     return quantize_clipped(weight, fmt, wonly.importance(plan.stats) if plan.factors is None
                             else _scaled_importance(plan), clip_on(opts, fmt))
 
@@ -258,13 +262,16 @@ def _apply(graph: ir.Graph, plan: _Plan, opts, fmt, float_blocks: set[int]) -> d
     a group in a block the budget keeps float gets its scaled float weights back instead."""
     keep = bool(float_blocks) and all(site.block in float_blocks for site in plan.sites)
     bits, block = (fmt.bits, fmt.block) if fmt is not None and opts.per_channel else (8, 0)
-    for site, (q, scale) in zip(plan.sites, plan.quantized):
+    for site, (q, scale, offset) in zip(plan.sites, plan.quantized):
         if keep:
             _float_weight(graph, site, plan)
             continue
         info = {"mode": opts.mode, "site": site.name, "role": site.role, "block": site.block,
                 "per_channel": opts.per_channel, "smooth_alpha": plan.alpha, "bits": bits, "block_size": block}
-        quantize_weight(graph, site, q, scale, info, bits, block)
+        if offset is None:
+            quantize_weight(graph, site, q, scale, info, bits, block)
+        else:
+            asym_graph.quantize_weight(graph, site, q, scale, offset, {**info, "sym": False}, block)
     if plan.act_scale is not None and not keep:
         activation_qdq(graph, plan.sites[0].input, plan.sites, plan.act_scale)
     return {"input": plan.x.name, "sites": [s.name for s in plan.sites], "smooth_alpha": plan.alpha,

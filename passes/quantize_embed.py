@@ -15,8 +15,12 @@ search (``passes.quantize_block``) weights columns by the head input's calibrate
 the head reads the table, else uniformly. No AWQ scaling: a factor on the head's input
 channels would have to divide the embedding rows too.
 
+With ``sym=false`` a 4-bit table is asymmetric (``passes.quantize_asym``: a float offset per
+block, the search for exact grids) and written in the affine form of
+``passes.quantize_asym_graph`` along axis 1; the metadata is then on that form's last node.
+
 Formats (option ``embed``): ``auto`` (the mode's bits and ``block`` in ``w8``/``w4``; tables stay
-float in ``dynamic`` and ``w8a8``), ``float``, ``8`` or ``4``. Skip words: ``embeddings`` keeps
+float in ``dynamic`` and ``w8a8``), ``float``, ``8`` or ``4`` (``8`` is always symmetric). Skip words: ``embeddings`` keeps
 Gather tables float, ``head`` keeps the head's table float; a table read both ways stays float
 when either is skipped (it would have to be stored twice).
 """
@@ -29,6 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
+from passes import quantize_asym, quantize_asym_graph
 from passes.quantize_block import Format, quantize_clipped
 from passes.quantize_rewrite import META, constant, first_reader
 from runtime.errors import PassError
@@ -44,6 +49,7 @@ class Table:
     head_input: ir.Value | None = None
     q: np.ndarray | None = None  # quantized [R, C] (int8-held) and its scales, once prepared
     scale: np.ndarray | None = None
+    offset: np.ndarray | None = None  # asymmetric formats only
 
     @property
     def array(self) -> np.ndarray:
@@ -62,7 +68,7 @@ def table_format(opts, fmt: Format | None) -> Format | None:
         return None
     if embed == "auto":
         return fmt
-    return Format(int(embed), opts.block)
+    return Format(int(embed), opts.block, sym=embed == "8" or opts.sym)
 
 
 def find_tables(model: ir.Model, model_map, skip: set[str]) -> tuple[list[Table], list[str]]:
@@ -108,11 +114,14 @@ def _add(tables: dict[int, Table], value: ir.Value | None, reader: ir.Node, role
 
 def prepare(table: Table, fmt: Format, importance: np.ndarray | None, clip: bool) -> None:
     """Quantize the table along its rows (blocks of columns, or per row); kept on ``table``."""
-    q_t, scale_t = quantize_clipped(table.array.T, fmt, importance, clip)
+    q_t, scale_t, offset_t = quantize_clipped(table.array.T, fmt, importance, clip)
     table.q, table.scale = np.ascontiguousarray(q_t.T), np.ascontiguousarray(scale_t.T)
+    table.offset = None if offset_t is None else np.ascontiguousarray(offset_t.T)
 
 
 def dequantized(table: Table, fmt: Format) -> np.ndarray:
+    if table.offset is not None:
+        return quantize_asym.dequantize(table.q.T, table.scale.T, table.offset.T, fmt.block).T
     scale = np.repeat(table.scale, fmt.block, axis=1)[:, :table.q.shape[1]] if fmt.block else table.scale[:, None]
     return table.q.astype(np.float32) * scale
 
@@ -120,19 +129,28 @@ def dequantized(table: Table, fmt: Format) -> np.ndarray:
 def apply(graph: ir.Graph, table: Table, fmt: Format, clip: bool) -> dict:
     """Replace the table by ``DequantizeLinear`` of its prepared form; returns the record."""
     array = table.array
-    dtype = ir.DataType.INT4 if fmt.bits == 4 else ir.DataType.INT8
     name = table.value.name
+    out = _written(graph, table, fmt)
+    info = {"table": name, "roles": sorted(table.roles), "bits": fmt.bits, "block": fmt.block, "clip": clip,
+            "readers": [n.name for n in table.readers], **({} if fmt.sym else {"sym": False})}
+    out.producer().metadata_props[META] = json.dumps(info, sort_keys=True)
+    error = float(np.abs(dequantized(table, fmt) - array).mean())
+    table.value.replace_all_uses_with(out)
+    graph.initializers.pop(name)
+    return {**info, "shape": list(array.shape), "mean_abs_error": round(error, 6)}
+
+
+def _written(graph: ir.Graph, table: Table, fmt: Format) -> ir.Value:
+    """The table's quantized form inserted before its first reader: its float output."""
+    name, before = table.value.name, first_reader(graph, table.readers)
+    if table.offset is not None:
+        return quantize_asym_graph.build(graph, name, table.q, table.scale, table.offset, fmt.block, 1, before)
+    dtype = ir.DataType.INT4 if fmt.bits == 4 else ir.DataType.INT8
     attributes = {"axis": 1, "block_size": fmt.block} if fmt.block else {"axis": 0}
     dq = ir.node("DequantizeLinear", [constant(graph, f"{name}_int{fmt.bits}", table.q, dtype),
                                       constant(graph, f"{name}_scale", table.scale)],
                  attributes=attributes, name=f"{name}_dq")
     dq.outputs[0].name = f"{name}_dq"
-    dq.outputs[0].type, dq.outputs[0].shape = ir.TensorType(ir.DataType.FLOAT), ir.Shape(array.shape)
-    graph.insert_before(first_reader(graph, table.readers), [dq])
-    info = {"table": name, "roles": sorted(table.roles), "bits": fmt.bits, "block": fmt.block, "clip": clip,
-            "readers": [n.name for n in table.readers]}
-    dq.metadata_props[META] = json.dumps(info, sort_keys=True)
-    error = float(np.abs(dequantized(table, fmt) - array).mean())
-    table.value.replace_all_uses_with(dq.outputs[0])
-    graph.initializers.pop(name)
-    return {**info, "shape": list(array.shape), "mean_abs_error": round(error, 6)}
+    dq.outputs[0].type, dq.outputs[0].shape = ir.TensorType(ir.DataType.FLOAT), ir.Shape(table.q.shape)
+    graph.insert_before(before, [dq])
+    return dq.outputs[0]

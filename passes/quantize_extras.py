@@ -88,8 +88,8 @@ def budget(model: ir.Model, plans, tables: Tables, batches, opts, ctx) -> tuple[
         return set(), None
     from passes.quantize_budget import choose
 
-    weights = [_site_weight(site, plan, q, scale, opts) for plan in plans
-               for site, (q, scale) in zip(plan.sites, plan.quantized)]
+    weights = [_site_weight(site, plan, quantized, opts) for plan in plans
+               for site, quantized in zip(plan.sites, plan.quantized)]
     weights += [_table_weight(t, tables.fmt) for t in tables.tables]
     with ctx.progress.step(f"measuring {len({w.block for w in weights} - {None})} blocks' sensitivity for budget={opts.budget}"):
         return choose(model, weights, batches, opts.budget, _family(ctx))
@@ -107,7 +107,7 @@ def _family(ctx) -> str | None:
     return getattr(source, "family", None)
 
 
-def _site_weight(site, plan, q: np.ndarray, scale: np.ndarray, opts):
+def _site_weight(site, plan, planned: tuple, opts):
     """The site's weight as its node reads it now (Gemm with transB reads it transposed)."""
     from passes.quantize import scaled_weight
     from passes.quantize_budget import Weight
@@ -120,7 +120,8 @@ def _site_weight(site, plan, q: np.ndarray, scale: np.ndarray, opts):
         return np.ascontiguousarray(array.T if transposed else array, dtype=np.float32)
 
     def quantized() -> np.ndarray:
-        return layout(dequantize(q, scale, fmt) if fmt is not None else q.astype(np.float32) * scale)
+        q, scale, offset = planned
+        return layout(dequantize(q, scale, fmt, offset) if fmt is not None else q.astype(np.float32) * scale)
 
     return Weight([(site.node.name, 1)], layout(scaled_weight(site, plan)), quantized, site.block)
 

@@ -1,7 +1,10 @@
 """Weight-only modes of the quantize pass (``w8``, ``w4``): the format, the opset, the search.
 
-- ``weight_format(opts)``: ``Format(bits, block)`` for ``w8``/``w4``, None for the modes that
-  also quantize activations (``dynamic``, ``w8a8``: int8 per channel, as before);
+- ``weight_format(opts)``: ``Format(bits, block, sym)`` for ``w8``/``w4``, None for the modes
+  that also quantize activations (``dynamic``, ``w8a8``: int8 per channel, as before);
+- ``check_sym(opts)``: ``sym=false`` (asymmetric, ``passes.quantize_asym``) is for ``w4`` only:
+  int8 steps are fine enough without an offset and ORT's MatMulNBits takes float zero points
+  only for 4 bits; GPTQ fixes symmetric steps as it goes and is refused with it;
 - ``ensure_opset(model, fmt)``: INT4 weights and ``DequantizeLinear`` with ``block_size``
   exist from ONNX opset 21. A model at opset 21 or newer is left alone. A model at opset 20 is
   lifted to 21 by changing its import: the operators opset 21 revised only gained types (int4,
@@ -29,7 +32,17 @@ OPSET_BLOCKED = 21
 def weight_format(opts) -> Format | None:
     if opts.mode not in BITS:
         return None
-    return Format(BITS[opts.mode], opts.block)
+    return Format(BITS[opts.mode], opts.block, sym=opts.mode != "w4" or opts.sym)
+
+
+def check_sym(opts) -> None:
+    if opts.sym:
+        return
+    if opts.mode != "w4":
+        raise PassError(f"sym=false (asymmetric int4 with a float offset per block) applies to mode w4; mode "
+                        f"{opts.mode} is symmetric, so drop sym=false.")
+    if opts.gptq:
+        raise PassError("gptq=true keeps symmetric int4 steps; drop gptq or sym=false.")
 
 
 def needs_opset_21(fmt: Format | None) -> bool:

@@ -13,6 +13,9 @@ Inputs, as ``passes.quantize_rewrite`` and ``passes.quantize_embed`` write them:
   ``[R, blocks, bytes per block]``, quantize axis 2, its scales reshaped to ``[R, blocks, 1]``),
   so the table is stored once.
 
+Asymmetric int4 (``sym=false``: the affine form of ``passes.quantize_asym_graph``) is lowered
+to the same kernels with float zero points by ``optimizer.lower.ort_wonly_asym``.
+
 Packing, as both kernels read it: values offset to unsigned (``q + 2^(bits-1)``, which is the
 kernels' default zero point, so none is stored), rows = output channels, K padded with zeros to
 whole blocks, 4-bit values two to a byte, low nibble first. A per-channel or per-tensor scale is
@@ -31,7 +34,9 @@ import json
 import numpy as np
 import onnx_ir as ir
 
-from passes.quantize_rewrite import META, constant
+from passes.quantize_asym_graph import AFFINE
+from passes.quantize_asym_graph import read as read_affine
+from passes.quantize_rewrite import META, constant, first_reader
 
 MS = "com.microsoft"
 WEIGHT_ONLY = ("w8", "w4")
@@ -39,18 +44,29 @@ PER_CHANNEL_BLOCK = 128
 ACCURACY_LEVEL = 4
 
 
+def first_reader_of(graph: ir.Graph, value: ir.Value) -> ir.Node:
+    return first_reader(graph, [use.node for use in value.uses()])
+
+
 def lower_weight_only(model: ir.Model, accuracy_level: int = ACCURACY_LEVEL) -> dict:
     """Replace weight-only sites and quantized tables by ORT kernels; returns counts."""
+    from optimizer.lower import ort_wonly_asym as asym  # it builds on this module's helpers
+
     graph = model.graph
     counts = {"MatMulNBits": 0, "GatherBlockQuantized": 0}
     for node in list(graph):
         info = _info(node)
         if info is None:
             continue
-        if node.op_type == "DequantizeLinear" and "table" in info:
+        if "table" in info and AFFINE in node.metadata_props:
+            asym.lower_table(graph, node, info, counts, accuracy_level)
+        elif node.op_type == "DequantizeLinear" and "table" in info:
             _table(graph, node, info, counts, accuracy_level)
         elif node.op_type == "MatMul" and info.get("mode") in WEIGHT_ONLY and _dq_weight(node) is not None:
             _site(graph, node, info, accuracy_level)
+            counts["MatMulNBits"] += 1
+        elif node.op_type == "MatMul" and info.get("mode") in WEIGHT_ONLY and read_affine(node.inputs[1]) is not None:
+            asym.lower_site(graph, node, read_affine(node.inputs[1]), accuracy_level)
             counts["MatMulNBits"] += 1
     model.opset_imports.setdefault(MS, 1)
     return {k: v for k, v in counts.items() if v}
@@ -78,12 +94,19 @@ def pack(q: np.ndarray, scale: np.ndarray, block: int, bits: int) -> tuple[np.nd
     if not block:  # per channel [N] or per tensor []: the same scale for every block
         block = PER_CHANNEL_BLOCK
         scale = np.broadcast_to(np.broadcast_to(scale, (n,))[None], (-(-k // block), n))
+    shifted = (q.astype(np.int16) + (1 << (bits - 1))).astype(np.uint8)
+    return pack_unsigned(shifted, block, bits, 1 << (bits - 1)), np.ascontiguousarray(np.asarray(scale, np.float32).T), block
+
+
+def pack_unsigned(u: np.ndarray, block: int, bits: int, padding: int = 0) -> np.ndarray:
+    """uint8 [N, nb, blob] of unsigned values ``u`` [K, N] (K padded to whole blocks with ``padding``)."""
+    k, n = u.shape
     nb = -(-k // block)
-    unsigned = np.full((n, nb * block), 1 << (bits - 1), np.uint8)  # padding holds the value 0
-    unsigned[:, :k] = (q.T.astype(np.int16) + (1 << (bits - 1))).astype(np.uint8)
+    unsigned = np.full((n, nb * block), padding, np.uint8)
+    unsigned[:, :k] = u.T
     if bits == 4:
         unsigned = unsigned[:, 0::2] | (unsigned[:, 1::2] << 4)
-    return unsigned.reshape(n, nb, -1), np.ascontiguousarray(np.asarray(scale, np.float32).T), block
+    return unsigned.reshape(n, nb, -1)
 
 
 def _site(graph: ir.Graph, node: ir.Node, info: dict, accuracy_level: int) -> None:
@@ -165,8 +188,10 @@ def _head_of(transpose: ir.Node) -> ir.Node | None:
     return None
 
 
-def _gather(graph: ir.Graph, gather: ir.Node, data: ir.Value, scales: ir.Value, shape, bits: int, block: int) -> None:
-    """GatherBlockQuantized on the 3-D packed table, then back to ``[..., C]``."""
+def _gather(graph: ir.Graph, gather: ir.Node, data: ir.Value, scales: ir.Value, shape, bits: int, block: int,
+            correction: list[ir.Node] | None = None) -> None:
+    """GatherBlockQuantized on the 3-D packed table, then back to ``[..., C]``; ``correction``
+    (nodes whose last output is [..., nb, 1]) is added per block first (asymmetric tables)."""
     rows, cols = shape
     nb = data.shape[1]
     name = gather.name
@@ -174,10 +199,13 @@ def _gather(graph: ir.Graph, gather: ir.Node, data: ir.Value, scales: ir.Value, 
                         name=f"{name}_scale_3d")
     gbq = ir.node("GatherBlockQuantized", [data, gather.inputs[1], scales_3d.outputs[0]], domain=MS,
                   attributes={"bits": bits, "block_size": block, "gather_axis": 0, "quantize_axis": 2}, name=f"{name}_gbq")
+    blocks = [gbq]
+    if correction:
+        blocks = correction + [gbq, ir.node("Add", [gbq.outputs[0], correction[-1].outputs[0]], name=f"{name}_offset")]
     keep = [0] * len(gather.inputs[1].shape or (0, 0))  # Reshape's 0: keep the index dimensions
-    flat = ir.node("Reshape", [gbq.outputs[0], constant(graph, f"{name}_flat", np.array(keep + [nb * block], np.int64))],
+    flat = ir.node("Reshape", [blocks[-1].outputs[0], constant(graph, f"{name}_flat", np.array(keep + [nb * block], np.int64))],
                    name=f"{name}_flat")
-    nodes = [scales_3d, gbq, flat]
+    nodes = [scales_3d, *blocks, flat]
     if nb * block != cols:
         nodes.append(ir.node("Slice", [flat.outputs[0], constant(graph, f"{name}_s0", np.array([0], np.int64)),
                                        constant(graph, f"{name}_s1", np.array([cols], np.int64)),

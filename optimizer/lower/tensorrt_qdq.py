@@ -17,6 +17,9 @@ only on weights, no int32 bias DequantizeLinear: the bias stays a float Add), so
   scale [K / block, N], opset 21; per-channel int4 becomes one block spanning K (the same
   values: TensorRT reads int4 only block-wise); uint4 weights with a constant zero point are
   made symmetric int4 when the zero point is 8 (the same grid), anything else is refused;
+- asymmetric int4 (``quantize:mode=w4,sym=false``: a float offset per block added after the
+  ``DequantizeLinear``) is refused: TensorRT's int4 GEMM takes zero point 0 only, and lowering
+  the offsets to float weights would give up the int4 storage the mode exists for;
 - quantized tables (a constant DequantizeLinear read by Gather, or by a Transpose for a tied
   head) are stored dequantized: weight DequantizeLinear is fused only into the MatMul reading it;
 - ``fp8=True`` turns every ``w8a8`` site into FP8 E4M3: the activation pair keeps its clipping
@@ -44,6 +47,7 @@ INT4 = (ir.DataType.INT4, ir.DataType.UINT4)
 
 def lower_qdq(model: ir.Model, fp8: bool = False) -> dict:
     """Make the decided sites TensorRT-legal in place; returns counts by mode and the opset used."""
+    _refuse_asymmetric(model)
     sites = [n for n in model.graph if n.op_type == "MatMul" and decision(n) and _weight_dq(n) is not None]
     if fp8 and not any(decision(n)["mode"] == "w8a8" for n in sites):
         raise PassError("fp8 for TensorRT converts w8a8 decisions but the graph has none; "
@@ -76,6 +80,13 @@ def lower_qdq(model: ir.Model, fp8: bool = False) -> dict:
     needed = 21 if modes["w4"] else 19 if modes["fp8"] else 13
     opset = ensure_opset(model, needed) if sites else model.opset_imports.get("", 0)
     return {"sites": dict(modes), "dequantized_tables": tables, "opset": opset, "notes": notes}
+
+
+def _refuse_asymmetric(model: ir.Model) -> None:
+    names = [n.name for n in model.graph if (decision(n) or {}).get("sym") is False]
+    if names:
+        raise PassError(f"{len(names)} weight(s) are asymmetric int4 (quantize sym=false, e.g. {names[0]!r}), which "
+                        "TensorRT cannot run (its int4 needs zero point 0); quantize with sym=true for the tensorrt target.")
 
 
 def ensure_opset(model: ir.Model, minimum: int) -> int:
