@@ -82,6 +82,7 @@ class PruneTokens(Pass):
         protect_ids: tuple[int, ...] = ()  # token ids always kept (e.g. [SEP])
         restore: Literal["auto", "always", "never"] = "auto"
         fill: Literal["nearest", "last", "cache"] = "nearest"  # what restored dropped tokens hold
+        context: Literal["cached", "kept"] | None = None  # fill=cache: recomputed tokens attend to all (cached keys) or kept
         proportional: bool | None = None  # log(tokens represented) in later scores; auto: when restoring by nearest
 
         def validate(self) -> None:

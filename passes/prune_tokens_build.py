@@ -20,6 +20,7 @@ from passes.graph_util import values_by_name
 from passes import prune_tokens_plan as plan
 from passes.prune_tokens_cache import (CACHE_INPUT, CACHE_OUTPUT, SAVED_OUTPUT, frame_reference, require_per_token,
                                        restore_from_cache, saved_counter)
+from passes.prune_tokens_context import KV_INPUT, KV_OUTPUT, attention_sites, cached_keys_values, query_side_values
 from passes.prune_tokens_ops import Ops
 from passes.prune_tokens_restore import (nearest_kept, needs_restore, proportional_attention, represented,
                                          reroute_readers, scatter_back, take_representatives)
@@ -83,18 +84,24 @@ def build_prune(model: ir.Model, model_map: Any, opts: Any, target: str) -> dict
     ops = Ops(graph, "prune_tokens", taken_names(graph))
     frame_state = frame_io(graph, stages[0].gather, ops, opts.fill != "cache") if opts.mode == "frames" else None
     positions = base_positions(ops, stages[0].gather)
+    # fill=cache's recomputed tokens attend to every token, through the cached keys and values
+    sites = attention_sites(model_map, stages[0].block) if opts.fill == "cache" and opts.context != "kept" else None
     token_map = positions  # fill=nearest: each original token's representative in the current set
     previous_dim, previous_nodes, steps, records = tokens.dim, set(), [], []
     for i, (stage, nodes) in enumerate(zip(stages, cut)):
         kept = prune_stage(ops, stage, tokens, positions, i == 0, opts, frame_state)
         if frame_state is not None:
             _frame_outputs(graph, ops, opts, stage, kept, frame_state, len(model_map.blocks))
+        if sites:
+            query_side_values(ops, values, sites, nodes, kept.positions, tokens.dim)
         dim = kept_dim(tokens.dim, kept.static, i)
         fresh = {id(v) for n in ops.nodes for v in n.outputs}
         region = Region(nodes, stage.gather, kept.stream, kept.positions, kept.relative, kept.count, dim,
                         previous_dim, previous_nodes)
         rewritten = reroute(ops, region, tokens.dim, fresh)
         retag(nodes, tokens.dim, dim)
+        if sites:
+            cached_keys_values(graph, ops, values, sites, kept.positions, tokens.dim)
         kept.stream.dtype = stage.gather.dtype
         kept.stream.shape = ir.Shape([stage.gather.shape[0], dim.dim(), stage.gather.shape[2]])
         if i > 0:
@@ -167,6 +174,9 @@ def _details(opts: Any, records: list, restore: bool, why: str, tokens) -> dict[
                             "contract": f"feed each call's {FRAME_OUTPUT} as the next call's {FRAME_INPUT}"}
         if opts.fill == "cache":
             details["state"]["cache"] = {"input": CACHE_INPUT, "output": CACHE_OUTPUT}
+            details["context"] = opts.context or "cached"
+        if opts.fill == "cache" and details["context"] == "cached":
+            details["state"]["keys_values"] = {"input": KV_INPUT, "output": KV_OUTPUT}
         if opts.threshold is not None:
             details["state"]["counter"] = SAVED_OUTPUT
     return details

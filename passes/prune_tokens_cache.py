@@ -41,6 +41,9 @@ SAVED_OUTPUT = "prune_tokens_token_blocks_saved"
 def check_cache_options(opts) -> None:
     """Option checks for ``fill=cache`` (see the module docstring for why each holds)."""
     if opts.fill != "cache":
+        if opts.context is not None:
+            raise PassError(f"prune_tokens context says what recomputed tokens attend to under fill=cache; "
+                            f"fill={opts.fill} has no cache, drop context.")
         return
     if opts.mode != "frames":
         raise PassError(f"prune_tokens fill=cache reuses each token's output from the previous frame, which needs "

@@ -30,8 +30,9 @@ RECOMPUTED = "feature_cache.recomputed"
 PREVIOUS = "feature_cache.previous."
 FRAME_IN, FRAME_OUT = "prune_tokens_previous_frame", "prune_tokens_frame_features"
 CACHE_IN, CACHE_OUT = "prune_tokens_previous_output", "prune_tokens_output_features"
+KV_IN, KV_OUT = "prune_tokens_previous_keys_values", "prune_tokens_keys_values"
 SAVED = "prune_tokens_token_blocks_saved"
-STATE_PAIRS = {RESIDUAL_OUT: RESIDUAL_IN, FRAME_OUT: FRAME_IN, CACHE_OUT: CACHE_IN}  # output -> next call's input
+STATE_PAIRS = {RESIDUAL_OUT: RESIDUAL_IN, FRAME_OUT: FRAME_IN, CACHE_OUT: CACHE_IN, KV_OUT: KV_IN}  # out -> next in
 _NOT_RESULTS = set(STATE_PAIRS) | {RECOMPUTED, SAVED}
 
 

@@ -19,11 +19,11 @@ from optimizer.progress import Progress
 from optimizer.specs import parse_spec
 from optimizer.trace_cache import cached_trace
 from runtime.errors import FeedError, PassError
-from runtime.stream import StreamSession
+from runtime.stream import STATE_PAIRS, StreamSession
 
 SPEC = "prune_tokens:mode=frames,fill=cache,threshold=0.001"
 N, HIDDEN, BLOCKS = 17, 64, 4  # tiny-vit: CLS + 4x4 patches of 8 px
-FRAME, CACHE = "prune_tokens_previous_frame", "prune_tokens_previous_output"
+FRAME, CACHE, KV = "prune_tokens_previous_frame", "prune_tokens_previous_output", "prune_tokens_previous_keys_values"
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +58,16 @@ def _image(seed: int) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((1, 3, 32, 32)).astype(np.float32)
 
 
-def _zeros(batch: int = 1) -> dict[str, np.ndarray]:
-    return {FRAME: np.zeros((batch, N, HIDDEN), np.float32), CACHE: np.zeros((batch, N, HIDDEN), np.float32)}
+def _zeros(batch: int = 1, kv_blocks: int = BLOCKS) -> dict[str, np.ndarray]:
+    state = {FRAME: np.zeros((batch, N, HIDDEN), np.float32), CACHE: np.zeros((batch, N, HIDDEN), np.float32)}
+    if kv_blocks:
+        state[KV] = np.zeros((batch, 2 * kv_blocks, N, HIDDEN), np.float32)
+    return state
+
+
+def _next(out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The state the next call gets from this call's outputs."""
+    return {STATE_PAIRS[name]: value for name, value in out.items() if name in STATE_PAIRS}
 
 
 # --- structure and counts --------------------------------------------------------------------------
@@ -67,16 +75,25 @@ def _zeros(batch: int = 1) -> dict[str, np.ndarray]:
 def test_state_pairs_and_counter(arts):
     _, _, art = arts
     model = ir.load(art.path / "model.onnx")
-    assert [v.name for v in model.graph.inputs] == ["pixel_values", FRAME, CACHE]
+    assert [v.name for v in model.graph.inputs] == ["pixel_values", FRAME, KV, CACHE]
     outputs = [v.name for v in model.graph.outputs]
     assert outputs == ["last_hidden_state", "cls_embedding", "prune_tokens_frame_features",
-                       "prune_tokens_token_blocks_saved", "prune_tokens_output_features"]
-    cache_in = next(v for v in model.graph.inputs if v.name == CACHE)
-    assert [n.op_type for n, _ in cache_in.uses()] == ["ScatterElements"]  # the restore writes into the cache
+                       "prune_tokens_token_blocks_saved", "prune_tokens_keys_values", "prune_tokens_output_features"]
+    inputs = {v.name: v for v in model.graph.inputs}
+    assert [n.op_type for n, _ in inputs[CACHE].uses()] == ["ScatterElements"]  # the restore writes into the cache
+    assert [n.op_type for n, _ in inputs[KV].uses()] == ["Gather"] * 2 * BLOCKS  # each block's keys and values
+    assert [d if isinstance(d, int) else str(d) for d in inputs[KV].shape] == ["batch", 2 * BLOCKS, N, HIDDEN]
     details = art.manifest["passes"][0]["details"]
-    assert details["fill"] == "cache" and details["proportional_attention"] is False
+    assert details["fill"] == "cache" and details["context"] == "cached" and details["proportional_attention"] is False
     assert details["state"]["cache"] == {"input": CACHE, "output": "prune_tokens_output_features"}
+    assert details["state"]["keys_values"] == {"input": KV, "output": "prune_tokens_keys_values"}
     assert details["state"]["counter"] == "prune_tokens_token_blocks_saved"
+
+
+def test_context_kept_has_no_key_value_state(trace):
+    model, record = _apply(trace, SPEC + ",context=kept")
+    assert [v.name for v in model.graph.inputs] == ["pixel_values", FRAME, CACHE]
+    assert record.details["context"] == "kept" and "keys_values" not in record.details["state"]
 
 
 def test_identical_frame_reuses_every_patch_token(arts):
@@ -84,13 +101,22 @@ def test_identical_frame_reuses_every_patch_token(arts):
     frame = _image(1)
     first = cached.run({"pixel_values": frame})
     assert first["prune_tokens_token_blocks_saved"].tolist() == [0]  # zero state: everything computed
-    state = {FRAME: first["prune_tokens_frame_features"], CACHE: first["prune_tokens_output_features"]}
-    again = cached.run({"pixel_values": frame, **state})
+    again = cached.run({"pixel_values": frame, **_next(first)})
     assert again["prune_tokens_token_blocks_saved"].tolist() == [(N - 1) * BLOCKS]  # only the CLS ran
     np.testing.assert_array_equal(again["last_hidden_state"][:, 1:], first["last_hidden_state"][:, 1:])
     np.testing.assert_array_equal(again["prune_tokens_output_features"][:, 1:],
                                   first["prune_tokens_output_features"][:, 1:])
-    assert not np.array_equal(again["last_hidden_state"][:, 0], first["last_hidden_state"][:, 0])  # CLS recomputed
+    # the CLS was recomputed attending to every token through the cached keys and values: as before
+    np.testing.assert_allclose(again["last_hidden_state"][:, 0], first["last_hidden_state"][:, 0], atol=1e-5)
+
+
+def test_context_kept_recomputes_the_cls_from_itself_alone(trace):
+    model, _ = _apply(trace, SPEC + ",context=kept")
+    frame = _image(1)
+    first = _run_unfused(model, {"pixel_values": frame, **_zeros(kv_blocks=0)})
+    again = _run_unfused(model, {"pixel_values": frame, **_next(first)})
+    np.testing.assert_array_equal(again["last_hidden_state"][:, 1:], first["last_hidden_state"][:, 1:])
+    assert np.abs(again["last_hidden_state"][:, 0] - first["last_hidden_state"][:, 0]).max() > 0.1
 
 
 def test_one_changed_patch_is_recomputed_and_counted(arts):
@@ -110,10 +136,10 @@ def test_one_changed_patch_is_recomputed_and_counted(arts):
 def test_counter_with_a_later_gather_point(trace):
     model, _ = _apply(trace, "prune_tokens:mode=frames,fill=cache,threshold=0.001,after=2")
     frame = _image(3)
-    first = _run_unfused(model, {"pixel_values": frame, **_zeros()})
-    state = {FRAME: first["prune_tokens_frame_features"], CACHE: first["prune_tokens_output_features"]}
-    again = _run_unfused(model, {"pixel_values": frame, **state})
+    first = _run_unfused(model, {"pixel_values": frame, **_zeros(kv_blocks=BLOCKS - 2)})
+    again = _run_unfused(model, {"pixel_values": frame, **_next(first)})
     assert again["prune_tokens_token_blocks_saved"].tolist() == [(N - 1) * (BLOCKS - 2)]
+    assert again["prune_tokens_keys_values"].shape == (1, 2 * (BLOCKS - 2), N, HIDDEN)
 
 
 def test_reused_tokens_keep_the_features_their_output_came_from(trace):
@@ -122,8 +148,7 @@ def test_reused_tokens_keep_the_features_their_output_came_from(trace):
     model, _ = _apply(trace, "prune_tokens:mode=frames,fill=cache,threshold=0.05")
     frame = _image(4)
     first = _run_unfused(model, {"pixel_values": frame, **_zeros()})
-    nudged = _run_unfused(model, {"pixel_values": frame * 1.001, FRAME: first["prune_tokens_frame_features"],
-                                  CACHE: first["prune_tokens_output_features"]})
+    nudged = _run_unfused(model, {"pixel_values": frame * 1.001, **_next(first)})
     assert nudged["prune_tokens_token_blocks_saved"].tolist() == [(N - 1) * BLOCKS]
     np.testing.assert_array_equal(nudged["prune_tokens_frame_features"][:, 1:],
                                   first["prune_tokens_frame_features"][:, 1:])
@@ -144,7 +169,7 @@ def test_first_call_and_nothing_dropped_equal_the_original(trace):
         assert got["prune_tokens_token_blocks_saved"].tolist() == [0]
         for name in ("last_hidden_state", "cls_embedding"):
             np.testing.assert_array_equal(got[name], ref[name])
-        state = {FRAME: got["prune_tokens_frame_features"], CACHE: got["prune_tokens_output_features"]}
+        state = _next(got)
 
 
 def test_plain_run_gets_zero_state_and_is_exact(arts):
@@ -172,6 +197,7 @@ def test_eval_stream_reports_token_blocks(arts):
     ("prune_tokens:mode=attention,fill=cache,threshold=1", "needs mode=frames"),
     ("prune_tokens:mode=frames,fill=cache,threshold=0.01,restore=never", "restore=never contradicts"),
     ("feature_cache:per_token=true,threshold=0.1", "prune_tokens:mode=frames,fill=cache"),
+    ("prune_tokens:mode=frames,threshold=0.01,context=kept", "drop context"),
 ])
 def test_bad_options(trace, text, needle):
     with pytest.raises(PassError, match=needle):
@@ -197,4 +223,4 @@ def test_wrong_shaped_state_is_a_clear_error(arts):
     with pytest.raises(FeedError, match=f"'{CACHE}' has size {N - 1} on axis 1 but the model expects {N}"):
         cached.run({"pixel_values": _image(0), **state})
     with pytest.raises(FeedError, match=f"'{CACHE}' is missing"):
-        cached.run({"pixel_values": _image(0), FRAME: state[FRAME]})
+        cached.run({"pixel_values": _image(0), FRAME: state[FRAME], KV: state[KV]})
