@@ -1,6 +1,7 @@
 """Choosing the speculation length online: UCBSpec, a multi-armed bandit over gamma (BanditSpec).
 
-Each arm is a number of draft tokens per round (gamma). After a round with arm ``a`` the
+Each arm is a number of draft tokens per round (gamma); arm 0 is a round without the draft (the
+model decodes one token alone), so a draft that does not pay is left aside. After a round with arm ``a`` the
 speculative loop reports its reward, the tokens the round produced (accepted drafts plus the
 target's own token) per second of the round; ``choose`` then picks the arm with the highest
 upper confidence bound, ``mean + c * sqrt(ln(t) / pulls)`` (UCB1). Rewards are scaled by the
@@ -9,7 +10,7 @@ machine's speed (UCB1 assumes rewards in [0, 1]).
 
 Cases: every arm is pulled once first, in the order given (deterministic); ties go to the
 earlier arm; ``exploration`` (c) 0 is pure greedy on the means. Arms must be distinct integers
->= 1 (``FeedError`` otherwise).
+>= 0 (``FeedError`` otherwise).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 
 from runtime.errors import FeedError
 
-DEFAULT_ARMS = (1, 2, 3, 4, 6)
+DEFAULT_ARMS = (0, 1, 2, 3, 4, 6)
 
 
 @dataclass
@@ -32,8 +33,9 @@ class UCBSpec:
     _scale: float = field(init=False, default=0.0, repr=False)
 
     def __post_init__(self) -> None:
-        if not self.arms or len(set(self.arms)) != len(self.arms) or any(int(a) != a or a < 1 for a in self.arms):
-            raise FeedError(f"speculative arms must be distinct whole numbers >= 1, got {list(self.arms)}.")
+        if not self.arms or len(set(self.arms)) != len(self.arms) or any(int(a) != a or a < 0 for a in self.arms):
+            raise FeedError(f"speculative arms must be distinct whole numbers >= 0 (draft tokens per round), "
+                            f"got {list(self.arms)}.")
         self.arms = tuple(int(a) for a in self.arms)
         self.pulls = {a: 0 for a in self.arms}
         self._sums = {a: 0.0 for a in self.arms}

@@ -15,7 +15,8 @@ cache just forgets the slots, which the mask then hides). The draft may lag by o
 (the model's last token, a fully accepted last proposal); it reads them with its next proposal.
 
 ``gamma`` is a fixed number of proposals per round, or ``"auto"``: a UCBSpec bandit
-(``runtime.bandit``) picks it per round from ``arms``, rewarded with tokens per second.
+(``runtime.bandit``) picks it per round from ``arms``, rewarded with tokens per second; arm 0 is a
+round of plain decoding, so ``auto`` can fall back to the model alone when the draft does not pay.
 
 Cases: one prompt (a batch is refused: rows would accept different counts); stop tokens and
 ``max_new_tokens`` end the output mid-round; a round never proposes past ``max_new_tokens``.

@@ -175,21 +175,21 @@ def test_speculative_sampling_is_seeded(pair):
 
 
 def test_ucb_tries_every_arm_then_favours_the_best():
-    bandit = UCBSpec((1, 2, 3, 4, 6))
-    speed = {1: 40.0, 2: 55.0, 3: 70.0, 4: 60.0, 6: 35.0}
+    bandit = UCBSpec((0, 1, 2, 3, 4, 6))
+    speed = {0: 45.0, 1: 40.0, 2: 55.0, 3: 70.0, 4: 60.0, 6: 35.0}
     first = []
     for t in range(300):
         arm = bandit.choose()
-        if t < 5:
+        if t < 6:
             first.append(arm)
         bandit.record(arm, speed[arm] + (t % 3))  # slightly noisy rewards
-    assert first == [1, 2, 3, 4, 6]
+    assert first == [0, 1, 2, 3, 4, 6]
     pulls = bandit.describe()["arms"]
     assert max(pulls, key=lambda a: pulls[a]["pulls"]) == "3" and pulls["3"]["pulls"] > 100
     assert bandit.describe()["best"] == 3
 
 
-@pytest.mark.parametrize("arms", [(), (1, 1), (0, 2), (1.5,)])
+@pytest.mark.parametrize("arms", [(), (1, 1), (-1, 2), (1.5,)])
 def test_bad_arms_are_refused(arms):
     with pytest.raises(FeedError, match="arms"):
         UCBSpec(arms)
