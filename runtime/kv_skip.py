@@ -12,7 +12,9 @@ Cases:
   skipped once stays skipped and each layer's cache holds a prefix of the sequence;
 - ``layer_masks``: layer ``i`` holds the first ``lengths[i]`` columns of the shared mask, so its
   own mask is that prefix plus the new tokens' columns (left padding stays masked);
-- a plain ``Session.run`` without ``skip_layers.count`` gets 0 (every layer computed: exact).
+- a plain ``Session.run`` without ``skip_layers.count`` gets 0 (every layer computed: exact);
+- another schedule may replace the recorded one at run time (the graph depends only on ``max``),
+  as long as it skips no more than ``max`` blocks.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
+
+from runtime.errors import FeedError
 
 COUNT = "skip_layers.count"
 
@@ -53,6 +57,19 @@ class SkipSchedule:
             if record.get("name") == "skip_layers" and details.get("mode") == "positional" and "schedule" in details:
                 return cls(**details["schedule"])
         return None
+
+
+def schedule_for(manifest: dict[str, Any] | None, override: SkipSchedule | None) -> SkipSchedule | None:
+    """The artifact's schedule, or ``override`` when it fits the artifact (it may not skip blocks
+    the graph cannot bypass)."""
+    recorded = SkipSchedule.of(manifest)
+    if override is None:
+        return recorded
+    if recorded is None or override.max > recorded.max:
+        can = 0 if recorded is None else recorded.max
+        raise FeedError(f"the schedule skips up to {override.max} blocks but this artifact can bypass {can}; make it "
+                        f"with skip_layers:mode=positional,max={override.max} or lower the schedule's max.")
+    return override
 
 
 def step_count(schedule: SkipSchedule, lengths: list[int], position_ids: np.ndarray) -> int:

@@ -20,13 +20,14 @@ from runtime.kv import KVCache
 
 
 class Stepper:
-    def __init__(self, session: Any, cache: KVCache):
+    def __init__(self, session: Any, cache: KVCache, skip: kv_skip.SkipSchedule | None = None):
+        """``skip`` overrides a positionally skipping artifact's recorded schedule (measurements)."""
         self.session, self.cache = session, cache
         self.ort = getattr(session, "_ort", None)
         names = [spec["name"] for spec in session.outputs]
         self.extra = [n for n in names if n.startswith("attention.")]
         self.logits = names[0]
-        self.skip = kv_skip.SkipSchedule.of(getattr(session, "manifest", None))
+        self.skip = kv_skip.schedule_for(getattr(session, "manifest", None), skip)
 
     def __call__(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> tuple[np.ndarray, dict]:
         cache = self.cache

@@ -168,7 +168,8 @@ def _loop(session, tokens: np.ndarray, prompt: int, schedule: SkipSchedule) -> t
     return steps, [past[f"past_key_values.{i}.key"].shape[2] for i in range(LAYERS)]
 
 
-def _stepped(session, rows: list[np.ndarray], prompt_lengths: list[int], steps: int) -> tuple[list[np.ndarray], KVCache]:
+def _stepped(session, rows: list[np.ndarray], prompt_lengths: list[int], steps: int,
+             skip: SkipSchedule | None = None) -> tuple[list[np.ndarray], KVCache]:
     """Stepper over left-padded rows (prompt, then one teacher-forced token per step): each step's logits."""
     width = max(prompt_lengths)
     ids = np.zeros((len(rows), width + steps), np.int64)
@@ -178,7 +179,7 @@ def _stepped(session, rows: list[np.ndarray], prompt_lengths: list[int], steps: 
         mask[r, width - n:] = 1
     positions = np.maximum(mask.cumsum(-1) - 1, 0)
     cache = KVCache(KVLayout.of(session.inputs), len(rows), width + steps)
-    step = Stepper(session, cache)
+    step = Stepper(session, cache, skip)
     out = []
     for start, end in [(0, width)] + [(t, t + 1) for t in range(width, width + steps)]:
         logits, _ = step(ids[:, start:end], mask[:, :end], positions[:, start:end])
@@ -222,6 +223,20 @@ def test_batch_shares_one_count(artifacts):
     alone, _ = _stepped(session, [rows[1]], [7], 4)
     for a, b in zip(alone, together):
         np.testing.assert_allclose(b[1], a[0], rtol=0, atol=1e-5)
+
+
+def test_run_time_schedule(artifacts):
+    """Another schedule may replace the recorded one; none at all reproduces the cached artifact."""
+    cached, ramp = runtime.load(artifacts["cached"].path), runtime.load(artifacts["ramp"].path)
+    full, _ = _stepped(cached, [TOKENS[0]], [5], 4)
+    unskipped, cache = _stepped(ramp, [TOKENS[0]], [5], 4, SkipSchedule(0, 0, 0, 0))
+    for a, b in zip(full, unskipped):
+        np.testing.assert_array_equal(a, b)
+    assert cache.lengths == [9] * LAYERS
+    with pytest.raises(FeedError, match="skips up to 4 blocks but this artifact can bypass 3"):
+        _stepped(ramp, [TOKENS[0]], [5], 1, SkipSchedule(4, 4, 0, 0))
+    with pytest.raises(FeedError, match="can bypass 0"):
+        _stepped(cached, [TOKENS[0]], [5], 1, SkipSchedule(1, 1, 0, 0))
 
 
 def test_generate_runs_the_schedule(artifacts):
