@@ -84,6 +84,7 @@ class Quantize(Pass):
         block: int = 0  # w8/w4: 0 per output channel, else input rows per scale (32, 64, 128)
         clip: bool | None = None  # w8/w4: search each scale's clipping ratio (default: on for w4)
         embed: str = "auto"  # embedding tables: auto, float, 8, 4 (auto: the weight-only modes' bits)
+        embed_block: int | None = None  # tables' block: 0 per row, 16, 32, 64, 128 (default: block)
         kv: str = "none"  # KV-cache scales to compute: none, int8, fp8
         budget: float | None = None  # keep the most sensitive blocks float within this degradation
         gptq: bool = False  # w8/w4: GPTQ error compensation from the calibration Hessian

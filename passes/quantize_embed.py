@@ -20,7 +20,8 @@ block, the search for exact grids) and written in the affine form of
 ``passes.quantize_asym_graph`` along axis 1; the metadata is then on that form's last node.
 
 Formats (option ``embed``): ``auto`` (the mode's bits and ``block`` in ``w8``/``w4``; tables stay
-float in ``dynamic`` and ``w8a8``), ``float``, ``8`` or ``4`` (``8`` is always symmetric). Skip words: ``embeddings`` keeps
+float in ``dynamic`` and ``w8a8``), ``float``, ``8`` or ``4`` (``8`` is always symmetric);
+``embed_block`` gives the tables their own block (0 per row, 16, 32, 64 or 128). Skip words: ``embeddings`` keeps
 Gather tables float, ``head`` keeps the head's table float; a table read both ways stays float
 when either is skipped (it would have to be stored twice).
 """
@@ -39,6 +40,7 @@ from passes.quantize_rewrite import META, constant, first_reader
 from runtime.errors import PassError
 
 EMBED = ("auto", "float", "8", "4")
+TABLE_BLOCKS = (0, 16, 32, 64, 128)  # 16 too: a table is 1/5 of SmolLM2, its kernels take 16
 
 
 @dataclass
@@ -56,9 +58,12 @@ class Table:
         return self.value.const_value.numpy().astype(np.float32)
 
 
-def check_embed(embed: str) -> None:
+def check_embed(embed: str, block: int | None = None) -> None:
     if str(embed) not in EMBED:
         raise PassError(f"quantize has no embed={embed!r}; embed takes one of: {', '.join(EMBED)}.")
+    if block is not None and block not in TABLE_BLOCKS:
+        raise PassError(f"quantize has no embed_block={block}; it takes 0 (one scale per row) or 16, 32, 64, 128 "
+                        "(columns per scale).")
 
 
 def table_format(opts, fmt: Format | None) -> Format | None:
@@ -66,9 +71,10 @@ def table_format(opts, fmt: Format | None) -> Format | None:
     embed = str(opts.embed)
     if embed == "float" or (embed == "auto" and fmt is None):
         return None
+    block = opts.block if opts.embed_block is None else opts.embed_block
     if embed == "auto":
-        return fmt
-    return Format(int(embed), opts.block, sym=embed == "8" or opts.sym)
+        return Format(fmt.bits, block, fmt.sym)
+    return Format(int(embed), block, sym=embed == "8" or opts.sym)
 
 
 def find_tables(model: ir.Model, model_map, skip: set[str]) -> tuple[list[Table], list[str]]:

@@ -23,7 +23,7 @@ from runtime.errors import PassError
 
 
 def validate(opts) -> None:
-    embed.check_embed(opts.embed)
+    embed.check_embed(opts.embed, opts.embed_block)
     quantize_kv.check_kv(opts.kv)
     if opts.budget is not None and opts.budget <= 0:
         raise PassError(f"quantize needs budget > 0 (the allowed degradation), got {opts.budget}.")

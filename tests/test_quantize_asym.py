@@ -156,10 +156,11 @@ def test_int8_table_stays_symmetric():
     assert sum(n.op_type == "DequantizeLinear" and n.inputs[0].dtype == ir.DataType.INT8 for n in model.graph) == 1
 
 
-@pytest.mark.parametrize("options", [{"block": "32"}, {"block": "0"}])
+@pytest.mark.parametrize("options", [{"block": "32"}, {"block": "0"}, {"block": "32", "embed_block": "16"}])
 def test_ort_lowering_equals_the_decision(options):
     """MatMulNBits with float zero points, GatherBlockQuantized plus the gathered offsets."""
-    model, _ = _quantize({"mode": "w4", "sym": "false", **options})
+    model, record = _quantize({"mode": "w4", "sym": "false", **options})
+    assert record.details["tables"][0]["block"] == int(options.get("embed_block", options["block"]))
     feeds = _feeds(2, 9)
     want = _run(model, feeds)[0]
     counts = lower_weight_only(model, accuracy_level=1)
@@ -239,6 +240,7 @@ def test_tensorrt_refuses_asymmetric_weights():
     ({"mode": "w8a8", "sym": "false"}, "applies to mode w4; mode w8a8 is symmetric"),
     ({"mode": "w4", "sym": "false", "gptq": "true"}, "gptq=true keeps symmetric int4 steps"),
     ({"mode": "w4", "sym": "maybe"}, "option sym='maybe' of pass 'quantize' is not true or false"),
+    ({"mode": "w4", "embed_block": "24"}, "no embed_block=24; it takes 0"),
 ])
 def test_bad_options(options, needle):
     with pytest.raises(PassError, match=needle):
