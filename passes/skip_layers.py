@@ -18,8 +18,9 @@ What it does, in order:
 
 Cases handled: encoders, ViTs and decoders with blocks found by the map; a skipped unit whose
 output is a graph output; adjacent skipped units; ``count=0`` or an empty ``blocks`` (the model is
-untouched). ``PassError`` (one sentence) for: no blocks, ``count`` < 0, ``count`` >= the number of
-units, both ``count`` and ``blocks`` (or neither), an index out of range or repeated, an
+untouched). With ``draft=true`` the model is left whole (``sites`` 0) and the skipped copy is
+handed to ``PassContext.draft``, which ``optimizer.draft`` finishes into the artifact's self-draft.
+``PassError`` (one sentence) for: no blocks, ``count`` < 0, ``count`` >= the number of units, both ``count`` and ``blocks`` (or neither), an index out of range or repeated, an
 exhaustive search too large. ``mode=positional`` (SkipDecode on a KV-cached decoder) is
 ``passes.skip_layers_positional``, with its own cases and errors.
 
@@ -118,6 +119,8 @@ def _keep_draft(model: ir.Model, units: list[Unit], chosen: tuple[int, ...], map
 
 
 def _validate(opts: Any) -> None:
+    if opts.mode == "positional" and opts.draft:
+        raise PassError("skip_layers draft=true makes a static self-draft; drop mode=positional or draft=true.")
     if opts.mode == "positional":
         return positional.validate(opts)
     if opts.max is not None:

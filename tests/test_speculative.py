@@ -240,6 +240,7 @@ def test_another_tokenizer_is_refused(tmp_path):
 @pytest.mark.parametrize("passes, target, message", [
     (["skip_layers:count=1,draft=true", "skip_layers:count=0,draft=true"], "ort-cpu", "both ask for a self-draft"),
     (["skip_layers:count=1,draft=true"], "tensorrt", "ONNX Runtime and torch targets only"),
+    (["skip_layers:mode=positional,max=2,draft=true"], "ort-cpu", "static self-draft"),
 ])
 def test_draft_plans_refused_before_tracing(passes, target, message, tmp_path):
     with pytest.raises(PassError, match=message):
