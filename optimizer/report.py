@@ -20,6 +20,10 @@ def format_optimize(result, comparison, args) -> str:
         nodes = f"{r.nodes_before} -> {r.nodes_after}"
         params = f"{_mb(r.param_bytes_before)} -> {_mb(r.param_bytes_after)}"
         lines.append(f"  {r.position:>2}  {r.name:16} {r.sites:>6}  {nodes:>15}  {params:>21}  {r.seconds:6.2f}s")
+    draft = art.manifest.get("draft")
+    if draft:
+        lines.append(f"  self-draft in {art.path / draft['path']}: skips {', '.join(draft['skipped']) or 'nothing'} "
+                     f"({_mb(draft['bytes'])} on disk, not shared with the main model)")
     if comparison is not None:
         lines += _format_comparison(comparison, args, result.source.family)
     return "\n".join(lines)

@@ -220,8 +220,11 @@ def test_another_vocabulary_is_refused(arts, pair):
         speculative_generate(pair[0], runtime.load(other.path), [PROMPTS[0]])
 
 
-def test_another_tokenizer_is_refused(tmp_path):
-    art = optimizer.optimize("tiny-llama", passes=["skip_layers:blocks=1,draft=true", "kv_cache"], output=tmp_path / "a")
+def test_another_tokenizer_is_refused(tmp_path, capsys):
+    assert main(["optimize", "tiny-llama", "-o", str(tmp_path / "a"), "--passes", "skip_layers:blocks=1,draft=true",
+                 "--passes", "kv_cache"]) == 0
+    assert f"self-draft in {tmp_path / 'a' / 'draft'}: skips layers.1" in capsys.readouterr().out
+    art = optimizer.artifact.Artifact.open(tmp_path / "a")
     model = runtime.load(art.path)
     assert speculative_generate(model, load_draft(art.path), [PROMPTS[0]], max_new_tokens=4).new_tokens == 4
     # Re-write the draft with another tokenizer, hashes and all, as a consistent artifact would be.
