@@ -63,11 +63,12 @@ class SkipLayers(Pass):
         replace: Literal["none", "linear"] = "none"  # linear: a fitted map instead of each skipped span
         mode: Literal["static", "positional"] = "static"
         # mode=positional (SkipDecode): blocks skipped per decode position, min up to start, rising
-        # linearly to max at end (passes.skip_layers_positional)
+        # linearly to max at end, counted from block first (passes.skip_layers_positional)
         min: int = 0
         max: int | None = None
         start: int = 0
         end: int = 512
+        first: int = 0
         seed: int = 0
         generations: int = 20
         population: int = 12  # offspring per generation
@@ -123,9 +124,9 @@ def _validate(opts: Any) -> None:
         raise PassError("skip_layers draft=true makes a static self-draft; drop mode=positional or draft=true.")
     if opts.mode == "positional":
         return positional.validate(opts)
-    if opts.max is not None:
-        raise PassError("skip_layers max (with min, start, end) schedules mode=positional; add mode=positional or "
-                        "drop max.")
+    if opts.max is not None or opts.first:
+        raise PassError("skip_layers max and first (with min, start, end) schedule mode=positional; add "
+                        "mode=positional or drop them.")
     if opts.count is not None and opts.blocks is not None:
         raise PassError("skip_layers takes either count (search) or blocks (explicit), not both; drop one.")
     if opts.count is None and opts.blocks is None:

@@ -1,9 +1,11 @@
-"""``skip_layers:mode=positional``: SkipDecode's per-position skipping of the lowest blocks in a
-KV-cached decoder (lossy; needs ``kv_cache:layer_masks=true`` before it).
+"""``skip_layers:mode=positional``: SkipDecode's per-position skipping of blocks in a KV-cached
+decoder (lossy; needs ``kv_cache:layer_masks=true`` before it).
 
 A new graph input ``skip_layers.count`` (int64 scalar, the same for the whole batch) says how many
-of the lowest blocks this step bypasses. Each of blocks ``0 .. max-1`` becomes an ``If`` on
-``count > i``:
+blocks this step bypasses, counted upwards from block ``first`` (0, the lowest blocks, is
+SkipDecode proper; a higher ``first`` skips a middle stretch, which a model not trained for
+skipping tolerates better). Each of blocks ``first .. first+max-1`` becomes an ``If`` on
+``count > i - first``:
 
 - then (skipped): the block's hidden output is its hidden input and ``present.{i}.key|value`` is
   the past unchanged (nothing appended), so the block costs two copies instead of its matmuls;
@@ -12,19 +14,22 @@ of the lowest blocks this step bypasses. Each of blocks ``0 .. max-1`` becomes a
 
 The runtime (``runtime.kv_skip``, through ``runtime.kv_step.Stepper``) feeds the count from the
 schedule recorded here: 0 for a prefill, ``min`` rising linearly to ``max`` between positions
-``start`` and ``end`` for decode steps. Since the count never decreases along the sequence, a
-later token's upper layers attend only to KV that every earlier token computed, and a skipped
-layer's cache is a prefix of the sequence (hence one attention mask per layer).
+``start`` and ``end`` for decode steps. Since the count never decreases along the sequence, the
+set of skipped blocks only grows: a block skipped once stays skipped, every block a token computes
+holds the KV of every earlier token, and a skipped block's cache is a prefix of the sequence
+(hence one attention mask per layer).
 
 Why ``layer_masks``: a skipped layer holds fewer tokens than the others, so it needs its own mask
 length; the shared-mask cache cannot express that. ``kv_cache`` must run first because it rewrites
 attention inside the blocks, which this pass moves into subgraphs.
 
-Cases handled: any ``max`` below the number of blocks; ``max=0`` (untouched). ``PassError`` (one
-sentence) for: no KV cache (an encoder, or a decoder without ``kv_cache``), a cache without
-per-layer masks, attention-score outputs (``kv_cache:scores=true``), ``max`` >= the number of
-blocks, a block whose inner values are read outside it; option errors (a decreasing schedule,
-``start > end``, static-mode options) are raised before anything runs.
+Cases handled: any ``first + max`` up to the number of blocks, leaving at least one; ``max=0``
+(untouched). ``PassError`` (one sentence) for: no KV cache (an encoder, or a decoder without
+``kv_cache``), a cache without per-layer masks, attention-score outputs (``kv_cache:scores=true``),
+``max`` >= the number of blocks or ``first + max`` beyond the last block, a model already skipping
+positionally, a block whose inner values are read outside it; option errors (a decreasing
+schedule, ``start > end``, a negative ``first``, static-mode options) are raised before anything
+runs.
 """
 
 from __future__ import annotations
@@ -55,12 +60,14 @@ def validate(opts: Any) -> None:
     if not 0 <= opts.min <= opts.max:
         raise PassError(f"skip_layers positional schedule must not decrease: need 0 <= min <= max, got min={opts.min}, "
                         f"max={opts.max}.")
+    if opts.first < 0:
+        raise PassError(f"skip_layers first must be >= 0 (the lowest block to skip), got {opts.first}.")
     if not 0 <= opts.start <= opts.end:
         raise PassError(f"skip_layers positional schedule needs 0 <= start <= end, got start={opts.start}, end={opts.end}.")
 
 
 def schedule_of(opts: Any) -> SkipSchedule:
-    return SkipSchedule(opts.min, opts.max, opts.start, opts.end)
+    return SkipSchedule(opts.min, opts.max, opts.start, opts.end, opts.first)
 
 
 def run(model: ir.Model, ctx: PassContext, opts: Any) -> PassResult:
@@ -71,14 +78,17 @@ def run(model: ir.Model, ctx: PassContext, opts: Any) -> PassResult:
     if opts.max >= len(blocks):
         raise PassError(f"skip_layers max={opts.max} would skip every block of this model, which has {len(blocks)}; "
                         f"give max < {len(blocks)}.")
+    if opts.first + opts.max > len(blocks):
+        raise PassError(f"skip_layers first={opts.first} with max={opts.max} reaches past the last block (this model "
+                        f"has {len(blocks)}, 0-{len(blocks) - 1}); lower first or max.")
     details: dict[str, Any] = {"mode": "positional", "unit": "block", "units": len(blocks),
                                "schedule": schedule.to_json(), "input": COUNT, "layers": []}
     if opts.max == 0:
         return PassResult(model=model, sites=0, details=details)
     count = ir.Value(name=COUNT, shape=ir.Shape([]), type=ir.TensorType(ir.DataType.INT64))
     graph.inputs.append(count)
-    for block in blocks[:opts.max]:
-        moved = _wrap_block(graph, block, count)
+    for block in blocks[opts.first:opts.first + opts.max]:
+        moved = _wrap_block(graph, block, count, block.index - opts.first)
         details["layers"].append({"index": block.index, "name": block.name, "nodes_in_branch": moved})
     RemoveUnusedNodesPass()(model)
     graph.sort()
@@ -101,8 +111,9 @@ def _require_layer_cache(graph: ir.Graph) -> None:
                         "apply mode=positional once.")
 
 
-def _wrap_block(graph: ir.Graph, block: Any, count: ir.Value) -> int:
-    """Move the block's nodes into an If's compute branch; returns how many moved."""
+def _wrap_block(graph: ir.Graph, block: Any, count: ir.Value, rank: int) -> int:
+    """Move the block's nodes into an If's compute branch, bypassed when ``count > rank``;
+    returns how many nodes moved."""
     values = values_by_name(graph)
     start = values[block.input]
     ends = [values[block.output]] + [values[f"present.{block.index}.{kind}"] for kind in ("key", "value")]
@@ -115,7 +126,7 @@ def _wrap_block(graph: ir.Graph, block: Any, count: ir.Value) -> int:
     for i in sorted((i for s in slots for i in s), reverse=True):
         graph.outputs.pop(i)  # they become the compute branch's outputs
     graph.remove(body, safe=False)
-    skip = _skip_condition(graph, count, block.index)
+    skip = _skip_condition(graph, count, block.index, rank)
     results = _if(graph, skip, body, ends, [start] + pasts, block.index)
     for readers, result in zip(outside, results):
         for user, slot in readers:
@@ -160,8 +171,8 @@ def _check_self_contained(body: list[ir.Node], ends: list[ir.Value], block: Any)
                                 "the block; positional skipping can only bypass self-contained blocks.")
 
 
-def _skip_condition(graph: ir.Graph, count: ir.Value, index: int) -> ir.Value:
-    threshold = ir.Value(name=f"skip_layers_layer_{index}", const_value=ir.tensor(np.array(index, np.int64)),
+def _skip_condition(graph: ir.Graph, count: ir.Value, index: int, rank: int) -> ir.Value:
+    threshold = ir.Value(name=f"skip_layers_layer_{index}", const_value=ir.tensor(np.array(rank, np.int64)),
                          shape=ir.Shape([]), type=ir.TensorType(ir.DataType.INT64))
     graph.register_initializer(threshold)
     node = ir.node("Greater", [count, threshold], name=f"skip_layers_skip_{index}")

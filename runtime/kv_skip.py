@@ -1,8 +1,8 @@
 """Positional layer skipping (SkipDecode) at run time: the schedule and what each step feeds.
 
 An artifact made with ``skip_layers:mode=positional`` reads an int64 scalar input
-``skip_layers.count``: a step with count ``s`` bypasses blocks ``0 .. s-1`` (their hidden output is
-their input and their cache gets nothing new). The schedule that picks ``s`` lives in the pass's
+``skip_layers.count``: a step with count ``s`` bypasses blocks ``first .. first+s-1`` (``first`` is
+0 in SkipDecode proper; their hidden output is their input and their cache gets nothing new). The schedule that picks ``s`` lives in the pass's
 record in the manifest; ``SkipSchedule.of(manifest)`` reads it back.
 
 Cases:
@@ -13,8 +13,8 @@ Cases:
 - ``layer_masks``: layer ``i`` holds the first ``lengths[i]`` columns of the shared mask, so its
   own mask is that prefix plus the new tokens' columns (left padding stays masked);
 - a plain ``Session.run`` without ``skip_layers.count`` gets 0 (every layer computed: exact);
-- another schedule may replace the recorded one at run time (the graph depends only on ``max``),
-  as long as it skips no more than ``max`` blocks.
+- another schedule may replace the recorded one at run time (the graph depends only on ``first``
+  and ``max``), as long as it starts at the same block and skips no more than ``max``.
 """
 
 from __future__ import annotations
@@ -32,12 +32,13 @@ COUNT = "skip_layers.count"
 @dataclass(frozen=True)
 class SkipSchedule:
     """Blocks skipped at position ``p``: ``min`` up to ``start``, ``max`` from ``end``, rising
-    linearly (rounded down) in between."""
+    linearly (rounded down) in between; counted from block ``first`` upwards."""
 
     min: int
     max: int
     start: int
     end: int
+    first: int = 0
 
     def count(self, position: int) -> int:
         if position <= self.start:
@@ -69,6 +70,9 @@ def schedule_for(manifest: dict[str, Any] | None, override: SkipSchedule | None)
         can = 0 if recorded is None else recorded.max
         raise FeedError(f"the schedule skips up to {override.max} blocks but this artifact can bypass {can}; make it "
                         f"with skip_layers:mode=positional,max={override.max} or lower the schedule's max.")
+    if override.first != recorded.first:
+        raise FeedError(f"the schedule skips from block {override.first} but this artifact bypasses blocks from "
+                        f"{recorded.first}; give first={recorded.first}.")
     return override
 
 
@@ -79,9 +83,9 @@ def step_count(schedule: SkipSchedule, lengths: list[int], position_ids: np.ndar
     return schedule.count(int(position_ids[:, -1].max()))
 
 
-def present_lengths(lengths: list[int], new: int, count: int) -> list[int]:
+def present_lengths(lengths: list[int], new: int, count: int, first: int) -> list[int]:
     """Each layer's cached tokens after the step: skipped layers do not grow."""
-    return [n if layer < count else n + new for layer, n in enumerate(lengths)]
+    return [n if first <= layer < first + count else n + new for layer, n in enumerate(lengths)]
 
 
 def prefix_masks(mask: np.ndarray, lengths: list[int], new: int) -> dict[str, np.ndarray]:

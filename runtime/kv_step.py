@@ -36,11 +36,11 @@ class Stepper:
         totals = [n + new for n in cache.lengths]
         total = max(totals)
         feeds = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
-        if self.skip is not None:  # positional skipping: the lowest `count` layers keep their cache
+        if self.skip is not None:  # positional skipping: `count` layers from `first` keep their cache
             count = kv_skip.step_count(self.skip, cache.lengths, position_ids)
             feeds[kv_skip.COUNT] = np.array(count, np.int64)
             feeds.update(kv_skip.prefix_masks(feeds.pop("attention_mask"), cache.lengths, new))
-            totals = kv_skip.present_lengths(cache.lengths, new, count)
+            totals = kv_skip.present_lengths(cache.lengths, new, count, self.skip.first)
         elif cache.layout.layer_masks:  # the shared mask becomes one per layer
             feeds.update(_layer_masks(feeds.pop("attention_mask"), totals))
         if cache.layout.static:  # fixed-size buffers: say where the new tokens go, mask the empty slots

@@ -103,7 +103,7 @@ def test_structure_and_counts(plain):
         assert [n.op_type for n in branches["then_branch"]] == ["Identity"] * 3
     record = records[-1]
     assert record.sites == 3 and record.details["mode"] == "positional"
-    assert record.details["schedule"] == {"min": 0, "max": 3, "start": 0, "end": 512}
+    assert record.details["schedule"] == {"min": 0, "max": 3, "start": 0, "end": 512, "first": 0}
     assert [layer["index"] for layer in record.details["layers"]] == [0, 1, 2]
 
 
@@ -120,20 +120,23 @@ def test_count_zero_is_the_cached_graph_exactly(plain):
             np.testing.assert_array_equal(past_a[name], past_b[name])
 
 
-@pytest.mark.parametrize("skip", [1, 3])
-def test_constant_skip_equals_static_skip_fed_the_upper_cache(plain, skip):
-    """Decode steps that skip the lowest ``skip`` blocks compute what the model without those blocks
-    computes when its cache holds the full model's upper layers of the prompt."""
+@pytest.mark.parametrize("first, skip", [(0, 1), (0, 3), (1, 2)])
+def test_constant_skip_equals_static_skip_fed_the_other_cache(plain, first, skip):
+    """Decode steps that skip ``skip`` blocks from ``first`` compute what the model without those
+    blocks computes when its cache holds the full model's other layers of the prompt."""
     full = _session(_run(plain, [CACHE])[0])
-    skipping = _session(_run(plain, [CACHE, _positional(max=3)])[0])
+    skipping = _session(_run(plain, [CACHE, _positional(max=3 - first, first=first)])[0])
     static = _model(plain)
-    apply_skip(static, units_of(build_map(static), False), tuple(range(skip)))
+    dropped = range(first, first + skip)
+    apply_skip(static, units_of(build_map(static), False), tuple(dropped))
     reference = _session(run_pipeline(static, [CACHE], PassContext())[0])
     prompt = 8
     _, past = _step(full, _feeds(TOKENS[:, :prompt], _empty(LAYERS), LAYERS, 0))
-    lower = {n: v for n, v in past.items() if int(n.split(".")[1]) < skip}
-    ref_past = {f"past_key_values.{int(n.split('.')[1]) - skip}.{n.split('.')[2]}": v
-                for n, v in past.items() if int(n.split(".")[1]) >= skip}
+    layer = lambda name: int(name.split(".")[1])  # noqa: E731
+    lower = {n: v for n, v in past.items() if layer(n) in dropped}
+    kept = [i for i in range(LAYERS) if i not in dropped]  # the reference's layer j is layer kept[j]
+    ref_past = {f"past_key_values.{kept.index(layer(n))}.{n.split('.')[2]}": v
+                for n, v in past.items() if layer(n) not in dropped}
     for t in range(prompt, TOKENS.shape[1]):
         ids = TOKENS[:, t:t + 1]
         logits, past = _step(skipping, {**_feeds(ids, past, LAYERS, t), COUNT: np.array(skip)})
@@ -142,7 +145,7 @@ def test_constant_skip_equals_static_skip_fed_the_upper_cache(plain, skip):
         assert np.abs(logits).max() > 0.1  # not a degenerate comparison
     for name, value in lower.items():  # the skipped layers' caches never grew
         np.testing.assert_array_equal(past[name], value)
-    assert past[f"past_key_values.{skip}.key"].shape[2] == TOKENS.shape[1]
+    assert past[f"past_key_values.{first + skip}.key"].shape[2] == TOKENS.shape[1]
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +156,8 @@ def artifacts(plain, tmp_path_factory):
     make = lambda name, *specs: optimizer.optimize(str(path), passes=list(specs), output=root / name)  # noqa: E731
     return {"cached": make("cached", "kv_cache:layer_masks=true"),
             "ramp": make("ramp", "kv_cache:layer_masks=true", "skip_layers:mode=positional,min=1,max=3,start=6,end=10"),
-            "constant": make("constant", "kv_cache:layer_masks=true", "skip_layers:mode=positional,min=2,max=2")}
+            "constant": make("constant", "kv_cache:layer_masks=true", "skip_layers:mode=positional,min=2,max=2"),
+            "middle": make("middle", "kv_cache:layer_masks=true", "skip_layers:mode=positional,min=1,max=2,first=1,start=7,end=9")}
 
 
 def _loop(session, tokens: np.ndarray, prompt: int, schedule: SkipSchedule) -> tuple[list[np.ndarray], list[int]]:
@@ -161,7 +165,7 @@ def _loop(session, tokens: np.ndarray, prompt: int, schedule: SkipSchedule) -> t
     must match): each step's logits and the layers' final cache lengths."""
     past, steps = _empty(LAYERS), []
     for start, end in [(0, prompt)] + [(t, t + 1) for t in range(prompt, tokens.shape[1])]:
-        count = 0 if start == 0 else schedule.count(start)
+        count = 0 if start == 0 else schedule.count(start)  # the graph knows first
         outs = session.run({**_feeds(tokens[:, start:end], past, LAYERS, start), COUNT: np.array(count)})
         past = {n.replace("present", "past_key_values"): v for n, v in outs.items() if n.startswith("present")}
         steps.append(outs["logits"][:, -1])
@@ -203,6 +207,19 @@ def test_stepper_follows_the_schedule(artifacts):
     assert np.abs(unskipped[-1] - got[-1]).max() > 1e-3  # skipping changed the logits
 
 
+def test_stepper_skips_from_first(artifacts):
+    art = artifacts["middle"]
+    schedule = SkipSchedule.of(art.manifest)
+    assert schedule == SkipSchedule(1, 2, 7, 9, first=1)
+    session = runtime.load(art.path)
+    expected, lengths = _loop(session, TOKENS, 5, schedule)
+    got, cache = _stepped(session, [TOKENS[0]], [5], TOKENS.shape[1] - 5)
+    for a, b in zip(expected, got):
+        np.testing.assert_allclose(b, a, rtol=0, atol=1e-5)
+    # decode steps at positions 5..11: block 1 skips all 7, block 2 from position 9; blocks 0 and 3 never
+    assert cache.lengths == lengths == [12, 5, 9, 12]
+
+
 def test_padded_batch_equals_each_prompt_alone(artifacts):
     """With a constant count every row skips alike, so left padding must change nothing: each
     layer's mask keeps the padding masked."""
@@ -235,6 +252,8 @@ def test_run_time_schedule(artifacts):
     assert cache.lengths == [9] * LAYERS
     with pytest.raises(FeedError, match="skips up to 4 blocks but this artifact can bypass 3"):
         _stepped(ramp, [TOKENS[0]], [5], 1, SkipSchedule(4, 4, 0, 0))
+    with pytest.raises(FeedError, match="give first=0"):
+        _stepped(ramp, [TOKENS[0]], [5], 1, SkipSchedule(1, 1, 0, 0, first=1))
     with pytest.raises(FeedError, match="can bypass 0"):
         _stepped(cached, [TOKENS[0]], [5], 1, SkipSchedule(1, 1, 0, 0))
 
@@ -263,6 +282,7 @@ def test_eviction_does_not_combine(artifacts):
     ({"max": 2, "count": 1}, "drop count"),
     ({"max": 2, "sub": True}, "drop sub"),
     ({}, "needs max=N"),
+    ({"max": 2, "first": -1}, "first must be >= 0"),
 ])
 def test_option_errors(options, message):
     with pytest.raises(PassError, match=message):
@@ -272,11 +292,15 @@ def test_option_errors(options, message):
 def test_schedule_options_need_positional_mode():
     with pytest.raises(PassError, match="add mode=positional"):
         instantiate([PassSpec("skip_layers", {"count": 1, "max": 2})])
+    with pytest.raises(PassError, match="add mode=positional"):
+        instantiate([PassSpec("skip_layers", {"count": 1, "first": 2})])
 
 
 def test_refusals(plain):
     with pytest.raises(PassError, match="max=4 would skip every block .* which has 4"):
         _run(plain, [CACHE, _positional(max=4)])
+    with pytest.raises(PassError, match="first=2 with max=3 reaches past the last block"):
+        _run(plain, [CACHE, _positional(max=3, first=2)])
     with pytest.raises(PassError, match="needs a decoder with a KV cache"):
         _run(plain, [_positional(max=1)])
     with pytest.raises(PassError, match="one attention mask per layer"):
