@@ -53,7 +53,7 @@ def validate(opts: Any) -> None:
     given = [key for key in ("count", "blocks") if getattr(opts, key) is not None]
     if given or opts.sub or opts.replace != "none":
         what = given[0] if given else ("sub" if opts.sub else "replace")
-        raise PassError(f"skip_layers mode=positional skips the lowest blocks by a schedule (min, max, start, end); "
+        raise PassError(f"skip_layers mode=positional skips blocks by a schedule (min, max, start, end, first); "
                         f"drop {what}, which belongs to mode=static.")
     if opts.max is None:
         raise PassError("skip_layers mode=positional needs max=N, the most blocks a late position skips.")
@@ -121,19 +121,25 @@ def _wrap_block(graph: ir.Graph, block: Any, count: ir.Value, rank: int) -> int:
     body = _body(graph, start, ends)
     _check_self_contained(body, ends, block)
     inside = {id(n) for n in body}
-    outside = [[(user, slot) for user, slot in v.uses() if id(user) not in inside] for v in ends]
+    readers = [[(user, slot) for user, slot in v.uses() if id(user) not in inside] for v in ends]
     slots = [[i for i, out in enumerate(graph.outputs) if out is v] for v in ends]
     for i in sorted((i for s in slots for i in s), reverse=True):
         graph.outputs.pop(i)  # they become the compute branch's outputs
     graph.remove(body, safe=False)
     skip = _skip_condition(graph, count, block.index, rank)
     results = _if(graph, skip, body, ends, [start] + pasts, block.index)
-    for readers, result in zip(outside, results):
-        for user, slot in readers:
-            user.replace_input_with(slot, result)
-    for i, result in sorted(((i, r) for positions, r in zip(slots, results) for i in positions), key=lambda p: p[0]):
-        graph.outputs.insert(i, result)
+    _rewire(graph, readers, slots, results)
     return len(body)
+
+
+def _rewire(graph: ir.Graph, readers: list[list], slots: list[list[int]], results: list[ir.Value]) -> None:
+    """The If's results replace the block's outputs for readers outside it and as graph outputs."""
+    for users, result in zip(readers, results):
+        for user, slot in users:
+            user.replace_input_with(slot, result)
+    placed = sorted(((i, r) for positions, r in zip(slots, results) for i in positions), key=lambda pair: pair[0])
+    for i, result in placed:  # ascending, so every earlier position is filled again first
+        graph.outputs.insert(i, result)
 
 
 def _body(graph: ir.Graph, start: ir.Value, ends: list[ir.Value]) -> list[ir.Node]:
