@@ -54,19 +54,20 @@ def lower_weight_only(model: ir.Model, accuracy_level: int = ACCURACY_LEVEL) -> 
 
     graph = model.graph
     counts = {"MatMulNBits": 0, "GatherBlockQuantized": 0}
+    block_sums: dict = {}  # asymmetric sites: per (activation, block), its block sums, shared
     for node in list(graph):
         info = _info(node)
         if info is None:
             continue
         if "table" in info and AFFINE in node.metadata_props:
-            asym.lower_table(graph, node, info, counts, accuracy_level)
+            asym.lower_table(graph, node, info, counts, accuracy_level, block_sums)
         elif node.op_type == "DequantizeLinear" and "table" in info:
             _table(graph, node, info, counts, accuracy_level)
         elif node.op_type == "MatMul" and info.get("mode") in WEIGHT_ONLY and _dq_weight(node) is not None:
             _site(graph, node, info, accuracy_level)
             counts["MatMulNBits"] += 1
         elif node.op_type == "MatMul" and info.get("mode") in WEIGHT_ONLY and read_affine(node.inputs[1]) is not None:
-            asym.lower_site(graph, node, read_affine(node.inputs[1]), accuracy_level)
+            asym.lower_site(graph, node, read_affine(node.inputs[1]), accuracy_level, block_sums)
             counts["MatMulNBits"] += 1
     model.opset_imports.setdefault(MS, 1)
     return {k: v for k, v in counts.items() if v}
