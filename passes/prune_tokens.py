@@ -20,9 +20,12 @@ tokens whose score is at least ``t`` times the row's mean (``frames``: whose cha
 is at least ``t``); K is then data-dependent, so it is for ONNX Runtime only. ``protect``
 leading tokens (the CLS) and ``protect_ids`` token ids are always kept; padding (attention mask
 0) goes first. ``restore`` (auto, always, never): whether the full token set is rebuilt after
-the last block, ``fill`` what dropped tokens then hold (the nearest kept token's final value, or
-their value when dropped), ``proportional`` whether kept tokens get ``log(tokens represented)``
-in later attention scores (``passes.prune_tokens_restore``).
+the last block, ``fill`` what dropped tokens then hold (the nearest kept token's final value,
+their value when dropped, or with ``mode=frames`` and a threshold, ``cache``: their own output
+from the previous call, carried as state, ``passes.prune_tokens_cache``; ``context`` says whether
+the recomputed tokens then attend to every token through cached keys and values, the default,
+or to the kept tokens only, ``passes.prune_tokens_context``), ``proportional`` whether kept
+tokens get ``log(tokens represented)`` in later attention scores (``passes.prune_tokens_restore``).
 
 ``keep=1.0`` still inserts every stage (K = N): the outputs equal the original exactly (bit for
 bit without ONNX Runtime's graph fusions, which differ around a gather). Text encoders, ViTs
@@ -37,7 +40,10 @@ PassError (one sentence) for: no blocks; a keep ratio or schedule entry <= 0 or 
 schedule that grows or has the wrong length; ``after`` out of range; ``attention``/``pagerank``
 at block 0 (no earlier attention) or with fused attention (no probabilities); ``threshold`` with
 ``diverse``/``merge`` or on a target other than ``ort-cpu``; ``frames`` with a schedule;
-``merge`` without ``r``; a static K above TensorRT's 3840 on the ``tensorrt`` target; ``restore=never``
+``merge`` without ``r``; ``fill=cache`` without ``mode=frames`` and a threshold, with
+``restore=never``, on a model whose outputs pool the tokens, or (``context=cached``) with a block
+whose queries, keys and values come from one projection; ``context`` without ``fill=cache``; a
+static K above TensorRT's 3840 on the ``tensorrt`` target; ``restore=never``
 when an output is per token.
 """
 
@@ -65,7 +71,7 @@ class PruneTokens(Pass):
 
     def __init__(self, options=None):
         super().__init__(options)
-        # only mode=frames adds its state input and output; the other modes keep the signature
+        # only mode=frames adds state inputs and outputs; the other modes keep the signature
         self.changes_signature = self.options.mode == "frames"
 
     @dataclass

@@ -4,7 +4,8 @@
 previous frame. With ``fill=cache`` a dropped token's final value (the last block's output)
 is the one the previous call produced for it, carried as a second state pair, so a token that
 did not change reuses its own cached output, while changed tokens are recomputed (attending to
-the other kept tokens, as every frames stage does). Three things make that consistent:
+every token through cached keys and values, ``passes.prune_tokens_context``, or with
+``context=kept`` to the other kept tokens only). Three things make that consistent:
 
 - **what is cached**: the last block's output for every token, ``[batch, N, hidden]``
   (``prune_tokens_previous_output`` in, ``prune_tokens_output_features`` out): the restore

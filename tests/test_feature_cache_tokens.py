@@ -18,7 +18,7 @@ from optimizer.pipeline import PassContext, run_pipeline
 from optimizer.progress import Progress
 from optimizer.specs import parse_spec
 from optimizer.trace_cache import cached_trace
-from runtime.errors import FeedError, PassError
+from runtime.errors import CarveError, FeedError, PassError
 from runtime.stream import STATE_PAIRS, StreamSession
 
 SPEC = "prune_tokens:mode=frames,fill=cache,threshold=0.001"
@@ -188,6 +188,21 @@ def test_eval_stream_reports_token_blocks(arts):
     assert result["token_block_evaluations_without_reuse"] == 8 * N * BLOCKS
     assert 0 < result["saved_fraction"] < 1 and result["token_block_ratio"] > 1
     assert -1 <= result["correlation_min"] <= result["correlation_mean"] <= 1
+
+
+def test_eval_stream_counts_the_feature_cache_in_token_blocks(tmp_path):
+    art = optimizer.optimize("tiny-vit", passes=["feature_cache:threshold=0.05"], output=tmp_path / "fc")
+    result = eval_stream(str(art.path), 8, 4)
+    assert result["pass"] == "feature_cache" and result["recomputed"] == 2  # one per scene
+    assert result["block_evaluations"] == 8 * 1 + 2 * (BLOCKS - 1)
+    assert result["token_block_evaluations"] == result["block_evaluations"] * N
+    assert result["time_ratio"] > 0 and result["seconds"] > 0
+
+
+def test_eval_stream_needs_a_reuse_pass(arts):
+    plain, _, _ = arts
+    with pytest.raises(CarveError, match="neither feature_cache nor prune_tokens:mode=frames"):
+        eval_stream(str(plain.path), 4, 2)
 
 
 # --- bad input -------------------------------------------------------------------------------------
