@@ -85,7 +85,7 @@ def build_prune(model: ir.Model, model_map: Any, opts: Any, target: str) -> dict
     frame_state = frame_io(graph, stages[0].gather, ops, opts.fill != "cache") if opts.mode == "frames" else None
     positions = base_positions(ops, stages[0].gather)
     # fill=cache's recomputed tokens attend to every token, through the cached keys and values
-    sites = attention_sites(model_map, stages[0].block) if opts.fill == "cache" and opts.context != "kept" else None
+    sites = attention_sites(model_map, values, stages[0].block) if opts.fill == "cache" and opts.context != "kept" else None
     token_map = positions  # fill=nearest: each original token's representative in the current set
     previous_dim, previous_nodes, steps, records = tokens.dim, set(), [], []
     for i, (stage, nodes) in enumerate(zip(stages, cut)):

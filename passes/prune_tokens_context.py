@@ -19,7 +19,9 @@ stage's region is rerouted, so the scores are ``[batch, heads, K, N]``. The firs
 every token, so the scattered keys and values are the original ones and the output is exact.
 
 Refused with a reason: a block without an attention site or with one projection for queries,
-keys and values (the keys could not be scattered apart from the queries).
+keys and values (the keys could not be scattered apart from the queries), or whose keys or
+values reach the attention MatMul through anything but constant reshapes, transposes and
+scalings (a view built from the token count, RoPE: text models traced with a symbolic length).
 """
 
 from __future__ import annotations
@@ -35,9 +37,11 @@ from runtime.errors import PassError
 
 KV_INPUT, KV_OUTPUT = "prune_tokens_previous_keys_values", "prune_tokens_keys_values"
 _ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Where"}
+_PLAIN = {"Reshape", "Transpose", "Mul", "Div", "Cast", "Identity"}  # with constant second inputs
 
 
-def attention_sites(model_map: Any, first: int) -> list[Any]:
+def attention_sites(model_map: Any, values: dict[str, ir.Value], first: int) -> list[Any]:
+    """The attention sites of the blocks from ``first`` on, checked (module docstring)."""
     sites = []
     for block in model_map.blocks[first:]:
         site = block.attention
@@ -47,8 +51,30 @@ def attention_sites(model_map: Any, first: int) -> list[Any]:
         if site.k == site.v or site.k == site.q:
             raise PassError(f"block {block.index} computes queries, keys and values in one projection, so the cached "
                             "keys cannot be scattered apart from the queries; use context=kept.")
+        for name in (site.k, site.v):
+            if not _plain_path(values[name]):
+                raise PassError(f"prune_tokens context=cached gives block {block.index} all N keys, but its keys or "
+                                "values are reshaped or rotated with values built from the token count (a shape-built "
+                                "view, RoPE); it needs a model traced with a static token count (a ViT): use "
+                                "context=kept.")
         sites.append(site)
     return sites
+
+
+def _plain_path(value: ir.Value) -> bool:
+    """Whether ``value`` reaches its attention MatMul through constant reshapes, transposes and
+    scalings only (so all N rows can pass where K did)."""
+    frontier = [value]
+    while frontier:
+        current = frontier.pop()
+        for node, _ in current.uses():
+            if node.op_type == "MatMul":
+                continue
+            others = [x for x in node.inputs if x is not None and x is not current]
+            if node.op_type not in _PLAIN or any(x.const_value is None for x in others):
+                return False
+            frontier.extend(node.outputs)
+    return True
 
 
 def query_side_values(ops: Ops, values: dict[str, ir.Value], sites: list[Any], region: list[ir.Node],

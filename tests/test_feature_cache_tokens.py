@@ -226,6 +226,21 @@ def test_pooled_outputs_have_nothing_per_token(trace):
         run_pipeline(model, parse_spec(SPEC), PassContext())
 
 
+def test_cached_context_needs_static_key_views():
+    """A text encoder's key views are built from the token count: context=cached is refused,
+    context=kept works (a repeated input reuses every token but the protected CLS)."""
+    proto = ir.serde.serialize_model(cached_trace(registry.get("tiny-bert"), Progress()))
+    with pytest.raises(PassError, match="use context=kept"):
+        _apply(proto, SPEC)
+    model, _ = _apply(proto, SPEC + ",context=kept")
+    feeds = {k: v.numpy() for k, v in registry.get("tiny-bert").example_inputs(2, 12).items()}
+    zeros = {FRAME: np.zeros((2, 12, HIDDEN), np.float32), CACHE: np.zeros((2, 12, HIDDEN), np.float32)}
+    first = _run_unfused(model, {**feeds, **zeros})
+    again = _run_unfused(model, {**feeds, **_next(first)})
+    assert again["prune_tokens_token_blocks_saved"].tolist() == [2 * 11 * BLOCKS]
+    np.testing.assert_array_equal(again["last_hidden_state"][:, 1:], first["last_hidden_state"][:, 1:])
+
+
 def test_fill_cache_is_for_onnx_runtime_only(trace):
     with pytest.raises(PassError, match="only ONNX Runtime"):
         run_pipeline(ir.serde.deserialize_model(trace), parse_spec(SPEC), PassContext(target="tensorrt"))
