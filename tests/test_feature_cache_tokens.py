@@ -254,3 +254,29 @@ def test_wrong_shaped_state_is_a_clear_error(arts):
         cached.run({"pixel_values": _image(0), **state})
     with pytest.raises(FeedError, match=f"'{CACHE}' is missing"):
         cached.run({"pixel_values": _image(0), FRAME: state[FRAME], KV: state[KV]})
+
+
+# --- the real model --------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_vit_s_moving_object_reuses_most_token_blocks_at_high_correlation():
+    from models import data
+    from optimizer import metrics
+
+    traced = cached_trace(registry.get("vit-s"), Progress())
+    original = ort.InferenceSession(ir.serde.serialize_model(traced).SerializeToString(),
+                                    providers=["CPUExecutionProvider"])
+    model, _ = run_pipeline(traced, parse_spec(SPEC), PassContext())
+    session = ort.InferenceSession(ir.serde.serialize_model(model).SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    frames, _ = data.frame_stream(5, seed=3)
+    state = {i.name: np.zeros([1] + list(i.shape[1:]), np.float32) for i in session.get_inputs()[1:]}
+    saved = 0
+    for t in range(len(frames)):
+        out = dict(zip(names, session.run(names, {"pixel_values": frames[t:t + 1], **state})))
+        ref = original.run(["saliency"], {"pixel_values": frames[t:t + 1]})[0]
+        assert metrics.saliency_correlation(ref, out["saliency"]) >= 0.98
+        saved += int(out["prune_tokens_token_blocks_saved"][0])
+        state = _next(out)
+    assert saved / (len(frames) * 257 * 12) > 0.6  # the first frame saves nothing, the others ~87%
