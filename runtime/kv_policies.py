@@ -12,8 +12,8 @@ Given as ``name:key=value,...`` (``carve generate --kv-policy``, ``make_policy``
 - ``pyramid:size=N,...`` and ``adaptive:size=N,...``: heavy hitters with per-layer budgets
   averaging N, falling with depth (PyramidKV) or set from how spread each layer's attention is
   (DynamicKV-like). Need ``kv_cache:scores=true,layer_masks=true`` (one mask per layer);
-- ``minicache:from=L,threshold=D,window=W,t=T``: no eviction; tokens older than the W most
-  recent have their K and V in layer pairs (L, L+1), (L+2, L+3), ... replaced by MiniCache's
+- ``minicache:from=L,threshold=D,window=W,sinks=S,t=T``: no eviction; tokens older than the W
+  most recent, except the first S (attention sinks, default 0), have their K and V in layer pairs (L, L+1), (L+2, L+3), ... replaced by MiniCache's
   reconstruction (``runtime.kv_merge``: one shared direction per pair, each layer's norm, pairs
   more than D degrees apart kept as they are). The graph still reads full per-layer K and V, so
   the accuracy effect is real; the bytes reported are those of the merged representation. It is
@@ -210,19 +210,20 @@ def _tokens_for(scores: np.ndarray, mass: float) -> int:
 
 class MiniCache(Policy):
     """MiniCache merging of adjacent layers' KV in the live cache (``runtime.kv_merge``): before
-    each step, the tokens that have left the ``window`` most recent get their merged pairs'
-    K and V replaced by the reconstruction (norm times the shared direction), once each. Nothing
-    is evicted; ``held_bytes`` counts merged tokens at the merged representation's size."""
+    each step, the tokens that have left the ``window`` most recent (the first ``sinks`` tokens
+    excepted) get their merged pairs' K and V replaced by the reconstruction (norm times the
+    shared direction), once each. Nothing is evicted; ``held_bytes`` counts merged tokens at the merged representation's size."""
 
     name = "minicache"
 
-    def __init__(self, window: int = 64, spec: MergeSpec = MergeSpec()):
-        if window < 1:
-            raise FeedError(f"KV policy minicache needs window >= 1 (recent tokens kept unmerged), got {window}.")
-        self.size, self.sinks, self.recent = window, 0, window  # eval prefills size - 1 tokens
+    def __init__(self, window: int = 64, spec: MergeSpec = MergeSpec(), sinks: int = 0):
+        if window < 1 or sinks < 0:
+            raise FeedError(f"KV policy minicache needs window >= 1 (recent tokens kept unmerged) and sinks >= 0 "
+                            f"(first tokens kept unmerged), got window={window}, sinks={sinks}.")
+        self.size, self.sinks, self.recent = window, sinks, window  # eval prefills size - 1 tokens
         self.window, self.spec = window, spec
         self.evicted_tokens = self.evicted_bytes = 0
-        self.done = 0  # tokens before this column are merged
+        self.done = sinks  # tokens from the sinks up to this column are merged
         self.vectors = self.retained = self.saved_bytes = 0
 
     @classmethod
@@ -230,15 +231,16 @@ class MiniCache(Policy):
         options: dict = {}
         for item in filter(None, rest.split(",")):
             key, _, value = item.partition("=")
-            if key not in ("from", "threshold", "window", "t"):
-                raise FeedError(f"KV policy option {item!r} is not one of from=L, threshold=DEGREES, window=N, t=T.")
+            if key not in ("from", "threshold", "window", "sinks", "t"):
+                raise FeedError(f"KV policy option {item!r} is not one of from=L, threshold=DEGREES, window=N, "
+                                "sinks=S, t=T.")
             options[key] = parse_number(key, value)
-        for key in ("from", "window"):
+        for key in ("from", "window", "sinks"):
             if key in options and options[key] != int(options[key]):
                 raise FeedError(f"minicache option {key} needs a whole number, got {options[key]}.")
         spec = MergeSpec(None if "from" not in options else int(options["from"]),
                          options.get("threshold", MergeSpec.threshold), options.get("t", MergeSpec.t))
-        return cls(int(options.get("window", 64)), spec)
+        return cls(int(options.get("window", 64)), spec, int(options.get("sinks", 0)))
 
     def check(self, layout, outputs: list[str]) -> None:
         for first, second in self.spec.pairs(len(layout.heads)):
@@ -256,8 +258,8 @@ class MiniCache(Policy):
             for kind in ("key", "value"):
                 index = suffixes.index(kind)
                 scale = suffixes.index(f"{kind}_scale") if f"{kind}_scale" in suffixes else None
-                vectors = [read_vectors(cache, layer, index, scale, self.done, end) for layer in (first, second)]
-                merged = merge_pair(*vectors, self.spec)
+                merged = merge_pair(read_vectors(cache, first, index, scale, self.done, end),
+                                    read_vectors(cache, second, index, scale, self.done, end), self.spec)
                 for layer, rebuilt in zip((first, second), merged.reconstruct()):
                     write_vectors(cache, layer, index, scale, self.done, end, rebuilt, merged.merged_mask)
                 width = _vector_bytes(cache.layout.kinds, index, scale)
@@ -275,9 +277,9 @@ class MiniCache(Policy):
 
     def describe(self) -> str:
         merged = self.vectors - self.retained
-        return (f"KV policy minicache (window {self.window}, threshold {self.spec.threshold:g} degrees): merged "
-                f"{merged} of {self.vectors} (token, head) vector pairs in merged layer pairs, K and V counted apart "
-                f"({self.retained} retained unmerged), {self.saved_bytes / 1e6:.1f} MB of KV saved")
+        return (f"KV policy minicache (window {self.window}, sinks {self.sinks}, threshold {self.spec.threshold:g} "
+                f"degrees): merged {merged} of {self.vectors} (token, head) vector pairs in merged layer pairs, K and V "
+                f"counted apart ({self.retained} retained unmerged), {self.saved_bytes / 1e6:.1f} MB of KV saved")
 
 
 def _vector_bytes(kinds, index: int, scale: int | None) -> int:
@@ -286,7 +288,7 @@ def _vector_bytes(kinds, index: int, scale: int | None) -> int:
     return size + (kinds[scale].width * kinds[scale].dtype.itemsize if scale is not None else 0)
 
 
-POLICIES = {"window": Window, "sinks": Sinks, "heavy": Heavy, "pyramid": Pyramid, "adaptive": Adaptive,
+POLICIES: dict[str, type[Policy]] = {"window": Window, "sinks": Sinks, "heavy": Heavy, "pyramid": Pyramid, "adaptive": Adaptive,
             "minicache": MiniCache}
 
 

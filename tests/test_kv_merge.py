@@ -152,6 +152,22 @@ def test_policy_on_identical_layers_keeps_the_cache():
     assert policy.held_bytes(cache) == cache.nbytes() - 2 * 7 * 2 * (32 - 8)
 
 
+def test_policy_keeps_sinks_and_the_window_unmerged():
+    layout = KVLayout([2, 2], [Kind("key", 8, np.dtype("float32")), Kind("value", 8, np.dtype("float32"))])
+    cache = KVCache(layout, 1, 12)
+    rng = np.random.default_rng(3)
+    layers = [tuple(rng.normal(size=(1, 2, 10, 8)).astype(np.float32) for _ in range(2)) for _ in range(2)]
+    cache.load(layers)
+    policy = make_policy("minicache:threshold=180,window=3,sinks=2")
+    policy.apply(cache, np.ones((1, 10), np.int64), {})
+    assert policy.vectors == 2 * (10 - 3 - 2) * 2 and policy.retained == 0
+    for layer, kind in np.ndindex(2, 2):
+        past, original = cache.past(layer, kind), layers[layer][kind]
+        np.testing.assert_array_equal(past[:, :, :2], original[:, :, :2])  # sinks
+        np.testing.assert_array_equal(past[:, :, 7:], original[:, :, 7:])  # window
+        assert not np.allclose(past[:, :, 2:7], original[:, :, 2:7])
+
+
 def test_merged_prefix_cache_stores_fewer_bytes(arts):
     cached, _, _ = arts
     plain, merged = PrefixCache(block=8), PrefixCache(block=8, merge=MergeSpec(threshold=180))
@@ -187,6 +203,7 @@ def test_cli_eval_reports_a_minicache_row(arts, capsys):
     ("minicache:threshold=wide", "needs a number"),
     ("minicache:t=2", "between 0 and 1"),
     ("minicache:window=0", "window >= 1"),
+    ("minicache:sinks=-1", "sinks >= 0"),
     ("minicache:window=2.5", "whole number"),
     ("minicache:size=8", "is not one of from=L"),
 ])
@@ -204,3 +221,38 @@ def test_refusals(arts):
         MiniCache().check(one_layer, [])
     with pytest.raises(FeedError, match="need a float KV cache"):
         generate(int8, [SHARED], max_new_tokens=2, prefix_cache=PrefixCache(block=8, merge=MergeSpec()))
+
+
+@pytest.mark.slow
+def test_smollm2_cached_keys_keep_their_pre_rope_angles(tmp_path):
+    """RoPE rotates both layers' keys at a position alike, so the cached (post-RoPE) keys of adjacent
+    layers are as far apart as the Hugging Face model's k_proj outputs (before RoPE) are; and on
+    SmolLM2 they are far apart: the default threshold merges almost nothing."""
+    import torch
+
+    from models import data
+    from models.smollm2 import load_causal_lm
+    from runtime.kv_step import Stepper
+    from runtime.text import Text
+
+    art = optimizer.optimize("smollm2-135m", passes=["kv_cache"], output=tmp_path / "llm")
+    session = runtime.load(art.path)
+    ids = Text(art.path).encode(data.texts("news", "eval", 1)[0])[:128]
+    cache = KVCache(KVLayout.of(session.inputs), 1, len(ids))
+    tokens = np.asarray([ids], np.int64)
+    Stepper(session, cache)(tokens, np.ones_like(tokens), np.arange(len(ids))[None])
+    cached = cache.snapshot()
+    lm, pre = load_causal_lm(), []
+    hooks = [layer.self_attn.k_proj.register_forward_hook(lambda m, i, out: pre.append(out.detach().numpy()))
+             for layer in lm.model.layers]
+    with torch.no_grad():
+        lm(torch.tensor([ids]))
+    for hook in hooks:
+        hook.remove()
+    pre = [k.reshape(1, len(ids), 3, 64).transpose(0, 2, 1, 3) for k in pre]
+    for layer in (3, 15, 28):
+        np.testing.assert_allclose(angles(cached[layer][0], cached[layer + 1][0]), angles(pre[layer], pre[layer + 1]),
+                                   atol=0.01)
+    stored = MergedLayers(cached, MergeSpec())
+    merged, retained = stored.counts
+    assert merged < 0.01 * (merged + retained)
