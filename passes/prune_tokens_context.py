@@ -99,7 +99,9 @@ def query_side_values(ops: Ops, values: dict[str, ir.Value], sites: list[Any], r
                     frontier.append(producer)
                 elif _on_key_axis(value, token):
                     axes = [a for a in token.axes(value) if a != len(value.shape) - 1]
-                    node.replace_input_with(index, take(ops, value, positions, axes) if axes else value)
+                    # a new value either way, so that the region's reroute leaves its key axis alone
+                    new = take(ops, value, positions, axes) if axes else ops.op("Identity", value)
+                    node.replace_input_with(index, new)
                     done += 1
     return done
 
@@ -113,7 +115,8 @@ def cached_keys_values(graph: ir.Graph, ops: Ops, values: dict[str, ir.Value], s
     """Scatter each block's kept keys and values into the cached ones (module docstring); add the
     state pair. Call after the region is rerouted (``values`` then hold ``[batch, K, hidden]``)."""
     first = values[sites[0].k]
-    batch, hidden = first.shape[0], first.shape[2]
+    known = first.shape is not None and len(first.shape) == 3
+    batch, hidden = (first.shape[0], first.shape[2]) if known else (None, None)
     shape = ir.Shape([batch, 2 * len(sites), token.dim(), hidden])
     state = ir.Value(name=KV_INPUT, type=ir.TensorType(first.dtype or ir.DataType.FLOAT), shape=shape)
     graph.inputs.append(state)
