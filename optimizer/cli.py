@@ -93,7 +93,8 @@ def _add_bench(sub) -> None:
                        description="Time the artifact and its peers side by side in one process: interleaved runs "
                                    "after warm-up, medians, speed-up against ORT fp32 on the plain trace, and each "
                                    "system's output agreement with ORT fp32 on the same inputs.",
-                       epilog="example: carve bench out/minilm --runs 20 --plot bench.png (columns: docs/metrics.md)")
+                       epilog="examples: carve bench out/minilm --runs 20 --plot bench.png; "
+                              "carve bench out/smollm2-torch --target torch --device cuda (columns: docs/metrics.md)")
     p.add_argument("artifact", metavar="DIR")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("--plot", metavar="FILE.png", help="draw speed-up against accuracy, one point per system")
@@ -106,7 +107,16 @@ def _add_bench(sub) -> None:
     p.add_argument("--threads", type=int, help="intra-op threads for ORT and torch alike (default: physical cores)")
     p.add_argument("--new-tokens", type=int, help="decoders: tokens generated per timed generation (default 32)")
     p.add_argument("--prompt-tokens", type=int,
-                   help="decoders: prompt of this many tokens of held-out text (default: one short sentence)")
+                   help="decoders: prompt of this many tokens of held-out text (default: one short sentence; "
+                        "64 with --target torch)")
+    p.add_argument("--target", choices=("ort", "torch"), default="ort",
+                   help="ort (default): against ORT fp32 and ORT's tools; torch: a --target torch artifact against "
+                        "the original Hugging Face model, eager and torch.compile, on --device")
+    p.add_argument("--device", help="--target torch: the torch device (default: cuda when present, else cpu)")
+    p.add_argument("--warmup", type=int, default=3, help="--target torch: untimed rounds first (default 3)")
+    p.add_argument("--no-compile", action="store_true", help="--target torch: skip the torch.compile rows")
+    p.add_argument("--compile-backend", default="inductor", metavar="NAME",
+                   help="--target torch: torch.compile backend (default inductor; aot_eager for a quick CPU check)")
 
 
 def _add_generate(sub) -> None:

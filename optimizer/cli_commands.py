@@ -144,6 +144,8 @@ def cmd_bench(args) -> int:
     from optimizer.bench import bench
     from optimizer.bench_report import check_plot_path, format_bench, plot_bench
 
+    if args.target == "torch":
+        return _bench_torch(args)
     if args.plot:
         check_plot_path(args.plot)
     result = bench(args.artifact, batch=args.batch, seq=args.seq, runs=args.runs, peers=args.peers,
@@ -157,6 +159,21 @@ def cmd_bench(args) -> int:
         print(format_bench(result))
         if args.plot:
             print(f"plot written to {args.plot}")
+    return 0
+
+
+def _bench_torch(args) -> int:
+    from optimizer.bench import BenchError
+    from optimizer.bench_torch import bench_torch, format_torch
+
+    if args.plot or args.peers:
+        raise BenchError("--plot and --peers apply to the ORT bench; --target torch always times hf-eager, "
+                         "hf-compile, carve and carve-compile.")
+    result = bench_torch(args.artifact, device=args.device, runs=args.runs, warmup=args.warmup, batch=args.batch,
+                         seq=args.seq, compile_backend=None if args.no_compile else args.compile_backend,
+                         new_tokens=args.new_tokens or 32, prompt_tokens=args.prompt_tokens or 64,
+                         threads=args.threads, progress=Progress(enabled=not args.json))
+    print(json.dumps(result, indent=2, default=str) if args.json else format_torch(result))
     return 0
 
 
