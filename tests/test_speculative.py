@@ -135,6 +135,15 @@ def test_greedy_equals_plain_greedy(pair, gamma):
     assert 0 < accepted < drafted  # both acceptance and rollback happened
 
 
+def test_a_static_cache_rolls_back_by_forgetting_slots(arts):
+    art = _optimize(_llama(), ["skip_layers:blocks=1,draft=true", "kv_cache:static=64"], arts["root"] / "static")
+    model, draft = runtime.load(art.path), load_draft(art.path)
+    for prompt in PROMPTS:
+        result = speculative_generate(model, draft, [prompt], max_new_tokens=30, gamma=3)
+        assert result.tokens[0] == generate(model, [prompt], max_new_tokens=30).tokens[0]
+        assert result.accepted < result.drafted
+
+
 def test_an_identical_draft_is_always_accepted(arts):
     model, draft = runtime.load(arts["same"]), load_draft(arts["same"])
     assert json.loads((arts["same"] / "manifest.json").read_text())["draft"]["skipped"] == []
