@@ -94,10 +94,8 @@ def _block_sums(graph: ir.Graph, x: ir.Value, k: int, block: int, sums: dict, be
     """x [..., K] summed per block of K: ``x @ S`` with S [K, nb] of 0/1, once per (x, block)."""
     key = (id(x), block)
     if key not in sums:
-        nb = -(-k // block)
-        indicator = (np.arange(k)[:, None] // block == np.arange(nb)[None, :]).astype(np.float32)
         name = f"{x.name or before.name}_block_sums_{block}"
-        node = ir.node("MatMul", [x, constant(graph, f"{name}_indicator", indicator)], name=name)
+        node = ir.node("MatMul", [x, _indicator(graph, k, block, sums)], name=name)
         node.outputs[0].name, node.outputs[0].type = name, ir.TensorType(ir.DataType.FLOAT)
         graph.insert_before(before, [node])
         sums[key] = node.outputs[0]
@@ -128,6 +126,16 @@ def _float(graph: ir.Graph, name: str, array: np.ndarray, half: bool) -> tuple[i
                    attributes={"to": ir.DataType.FLOAT}, name=f"{name}_cast")
     _typed(cast, array.shape, name)
     return cast.outputs[0], [cast]
+
+
+def _indicator(graph: ir.Graph, k: int, block: int, sums: dict) -> ir.Value:
+    """The 0/1 [K, nb] matrix summing each block of K, one per (K, block) in the graph."""
+    key = ("indicator", k, block)
+    if key not in sums:
+        nb = -(-k // block)
+        indicator = (np.arange(k)[:, None] // block == np.arange(nb)[None, :]).astype(np.float32)
+        sums[key] = constant(graph, f"block_sums_{k}_by_{block}", indicator)
+    return sums[key]
 
 
 def _adjusted_offsets(graph, name, offset: np.ndarray, scales: ir.Value, half: bool) -> tuple[ir.Value, list[ir.Node]]:
