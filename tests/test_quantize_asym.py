@@ -213,6 +213,11 @@ def test_torch_backend_runs_the_decision():
         got = module(*[torch.from_numpy(feeds[v.name]) for v in model.graph.inputs])
     got = got if isinstance(got, (tuple, list)) else [got]
     np.testing.assert_allclose(got[0].numpy(), want[0], rtol=1e-5, atol=1e-5 * np.abs(want[0]).max())
+    # The weights are folded when the module is built: the same calls per run as with symmetric int4.
+    symmetric, _ = _quantize({"mode": "w4", "block": "32"})
+    calls = [collections.Counter(n.target.__name__ for n in m.graph.nodes if n.op == "call_function")
+             for m in (module, build_graph_module(symmetric))]
+    assert calls[0] == calls[1] and calls[0]["dequantize_linear"] == 0
 
 
 def test_end_to_end_artifact_is_closer_than_symmetric():

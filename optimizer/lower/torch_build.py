@@ -22,6 +22,10 @@ from runtime.errors import PassError
 OPS = {**torch_ops.OPS, **torch_ops_index.OPS, **torch_ops_nn.OPS, **torch_ops_quant.OPS}
 MULTI_OUTPUT = torch_ops.MULTI_OUTPUT | torch_ops_nn.MULTI_OUTPUT | torch_ops_quant.MULTI_OUTPUT
 VALIDATORS = torch_ops_nn.VALIDATORS
+# Folded once when all their inputs are constants (or folded): the asymmetric int4 weight form
+# (passes.quantize_asym_graph: Cast, DequantizeLinear, Reshape, Add, Slice) would otherwise
+# dequantize every weight on every call.
+FOLDED_OPS = {"Cast", "Reshape", "Add", "Slice"}
 
 
 class GraphBuilder:
@@ -32,7 +36,7 @@ class GraphBuilder:
         self.env: dict[int, Any] = {}  # id(value) -> fx node (a tensor, or a shape value's ints) or literal
         self.shape_ranks = torch_shapes.shape_values(graph)
         self.as_tensor: dict[int, torch.fx.Node] = {}  # shape values that data inputs read, made tensors once
-        self.deferred: dict[int, ir.Node] = {}  # DequantizeLinear of constants: folded when first read
+        self.deferred: dict[int, ir.Node] = {}  # DequantizeLinear of constants (and FOLDED_OPS): folded when first read
         self.names: set[str] = set()
 
     def build(self) -> torch.fx.GraphModule:
@@ -76,7 +80,7 @@ class GraphBuilder:
         if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
             self._constant(node.outputs[0], _constant_value(node, where), node.outputs[0].name or node.name)
             return
-        if _constant_dequantize(node):  # evaluated once, if and when something reads it
+        if _constant_dequantize(node, self.deferred) or self._foldable(node):  # evaluated once, if and when read
             self.deferred[id(node.outputs[0])] = node
             return
         substitute = self.substitutes.get(id(node))
@@ -132,16 +136,26 @@ class GraphBuilder:
         if found is not None:
             return found
         if id(value) in self.deferred:
-            node = self.deferred.pop(id(value))
-            args = [_torch_tensor(ir.convenience.get_const_tensor(v), where) if v is not None else None for v in node.inputs]
-            weight = torch_ops_quant.dequantize_linear(*args, **_attributes(node, where))
-            self.env[id(value)] = self._tensor(weight, value.name or node.name)
+            self.env[id(value)] = self._tensor(self._folded(value, where), value.name or self.deferred[id(value)].name)
             return self.env[id(value)]
         if value.const_value is not None:
             self.env[id(value)] = self._tensor(_torch_tensor(value.const_value, where), value.name)
             return self.env[id(value)]
         raise PassError(f"{where}: value {value.name!r} has no producer, initializer or input; "
                         "the graph is malformed, re-run `carve optimize`.")
+
+    def _foldable(self, node: ir.Node) -> bool:
+        return (node.op_type in FOLDED_OPS and node.domain in ("", "ai.onnx") and id(node.outputs[0]) not in self.shape_ranks
+                and all(v is None or id(v) in self.deferred or ir.convenience.get_const_tensor(v) is not None
+                        for v in node.inputs))
+
+    def _folded(self, value: ir.Value, where: str) -> torch.Tensor:
+        """The tensor a deferred node computes from its constant (or deferred) inputs."""
+        node = self.deferred[id(value)]
+        args = [None if v is None else self._folded(v, where) if id(v) in self.deferred
+                else _torch_tensor(ir.convenience.get_const_tensor(v), where) for v in node.inputs]
+        fn = torch_ops_quant.dequantize_linear if node.op_type == "DequantizeLinear" else _implementation(node, where)
+        return fn(*args, **_attributes(node, where))
 
     def _constant(self, value: ir.Value, tensor: torch.Tensor, hint: str | None) -> None:
         if id(value) in self.shape_ranks:
@@ -167,11 +181,11 @@ class GraphBuilder:
         return name
 
 
-def _constant_dequantize(node: ir.Node) -> bool:
+def _constant_dequantize(node: ir.Node, deferred: dict) -> bool:
     """A DequantizeLinear of constant weights: the module holds its float result instead of
     recomputing it every call (the same numbers; weights then take float memory)."""
     return node.op_type == "DequantizeLinear" and node.domain in ("", "ai.onnx") and all(
-        v is None or ir.convenience.get_const_tensor(v) is not None for v in node.inputs)
+        v is None or id(v) in deferred or ir.convenience.get_const_tensor(v) is not None for v in node.inputs)
 
 
 def _implementation(node: ir.Node, where: str):
