@@ -251,3 +251,19 @@ def test_tensorrt_refuses_asymmetric_weights():
 def test_bad_options(options, needle):
     with pytest.raises(PassError, match=needle):
         instantiate([PassSpec("quantize", options)])
+
+
+def test_budget_measures_the_asymmetric_weights():
+    """The budget's recorded degradation is what the written asymmetric graph does (tiny-bert, 1 - cosine)."""
+    from optimizer.calibrate import calibration_feeds
+
+    options = {"mode": "w4", "block": "32", "sym": "false", "embed": "float", "budget": "1", "calib_samples": "8"}
+    model, records = run_pipeline(cached_trace(registry.get("tiny-bert"), Progress()), [PassSpec("quantize", options)],
+                                  PassContext(calibration="tiny-bert"))
+    details = records[0].details["budget"]
+    batches = calibration_feeds("tiny-bert", 8)
+    plain = cached_trace(registry.get("tiny-bert"), Progress())
+    ref, got = ([_run(m, b)[0].reshape(len(b["input_ids"]), -1).astype(np.float64) for b in batches] for m in (plain, model))
+    a, b = np.concatenate(ref), np.concatenate(got)
+    measured = float(np.mean(1 - (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)))
+    assert details["float_blocks"] == [] and measured == pytest.approx(details["degradation"], rel=1e-3, abs=1e-6)
