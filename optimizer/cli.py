@@ -85,6 +85,8 @@ def _add_eval(sub) -> None:
     p.add_argument("--scene", type=int, default=8, help="frames per scene for --stream (default 8)")
     p.add_argument("--moving", action="store_true",
                    help="--stream: a patch moving over a still photo instead of noisy scenes")
+    p.add_argument("--refresh", type=int, default=0, metavar="N",
+                   help="--stream: drop the carried state every N frames, so that frame computes everything")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
 
 

@@ -109,7 +109,7 @@ def cmd_eval(args) -> int:
     if args.stream:
         from optimizer.eval_stream import eval_stream, format_stream
 
-        result = eval_stream(args.artifact, args.stream, args.scene, "moving" if args.moving else "scenes")
+        result = eval_stream(args.artifact, args.stream, args.scene, "moving" if args.moving else "scenes", args.refresh)
         print(json.dumps(result, indent=2) if args.json else format_stream(result))
         return 0
     result = evaluate(args.artifact, quick=args.quick)

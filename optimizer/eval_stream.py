@@ -10,6 +10,7 @@ plain source trace, frame by frame in one loop (both warmed up first), and repor
   the feature cache, whole-block evaluations);
 - the mean and worst per-frame correlation of the main output (the saliency map for ``vit-s``)
   with the original's, and the two total wall times and their ratio.
+``refresh=N`` drops the carried state every N frames (``StreamSession(refresh=N)``).
 
 Streams: ``scenes`` (the default): each scene is one held-out photo crop shown for ``scene``
 frames with small sensor-like noise, then a cut to the next photo; ``moving``: a still photo
@@ -54,7 +55,7 @@ def _state_tokens(manifest: dict[str, Any]) -> int:
     return int(spec["shape"][1])
 
 
-def eval_stream(artifact: str, frames: int, scene: int, source: str = "scenes") -> dict[str, Any]:
+def eval_stream(artifact: str, frames: int, scene: int, source: str = "scenes", refresh: int = 0) -> dict[str, Any]:
     import runtime
     from optimizer.evaluate import reference_runner
     from runtime.manifest import read_manifest
@@ -64,7 +65,7 @@ def eval_stream(artifact: str, frames: int, scene: int, source: str = "scenes") 
     record = _reuse_record(artifact, manifest)
     pixels = next(i for i in manifest["inputs"] if i["name"] == "pixel_values")
     clip = _frames(source, int(pixels["shape"][-1]), frames, scene)
-    stream = StreamSession(runtime.load(artifact))
+    stream = StreamSession(runtime.load(artifact), refresh=refresh)
     reference = reference_runner(manifest)
     main = stream.outputs[0]
     stream.run({"pixel_values": clip[:1]}), reference({"pixel_values": clip[:1]})  # warm-up
@@ -78,8 +79,8 @@ def eval_stream(artifact: str, frames: int, scene: int, source: str = "scenes") 
         ref = reference({"pixel_values": frame[None]})[main]
         seconds, reference_seconds = seconds + middle - start, reference_seconds + time.perf_counter() - middle
         corrs.append(float(np.corrcoef(got.ravel(), ref.ravel())[0, 1]))
-    result = {"pass": record["name"], "source": source, "frames": frames, "scene": scene, "output": main,
-              "correlation_mean": float(np.mean(corrs)), "correlation_min": float(np.min(corrs)),
+    result = {"pass": record["name"], "source": source, "frames": frames, "scene": scene, "refresh": refresh,
+              "output": main, "correlation_mean": float(np.mean(corrs)), "correlation_min": float(np.min(corrs)),
               "seconds": seconds, "reference_seconds": reference_seconds, "time_ratio": reference_seconds / seconds}
     result.update(_evaluations(record, stream, frames, _state_tokens(manifest)))
     return result
@@ -125,7 +126,8 @@ def _threshold(record: dict[str, Any]) -> float | None:
 def format_stream(r: dict[str, Any]) -> str:
     what = (f"scenes of {r['scene']} frames, noise {NOISE}" if r["source"] == "scenes"
             else "a patch moving over a still photo")
-    lines = [f"stream of {r['frames']} frames ({what}) through {r['pass']}"]
+    refresh = f", state dropped every {r['refresh']} frames" if r.get("refresh") else ""
+    lines = [f"stream of {r['frames']} frames ({what}) through {r['pass']}{refresh}"]
     if r["pass"] == "feature_cache":
         lines.append(f"  the model after the cached block ran {r['recomputed']} times (threshold {r['threshold']:.4g})")
         lines.append(f"  block evaluations      {r['block_evaluations']} of {r['block_evaluations_without_cache']} "

@@ -11,6 +11,10 @@ on, and ``feature_cache.previous.<output>`` inputs get the call's own outputs. W
 it also keeps the outputs of the last N distinct inputs, keyed by a hash of the feeds, so an
 input seen before (the same image) returns its outputs without running anything.
 
+``refresh=N`` drops the state before every N-th run, so that call computes everything: reused
+values (a token's cached output, computed while its neighbours looked different) cannot go
+stale for longer than N frames.
+
 A plain ``Session.run`` of such an artifact gets zero state (``stateless_feeds``): the feature
 cache then recomputes and the frames criterion counts every token as changed, so the first call
 of a stream, ``carve run`` and ``carve eval`` see the whole model.
@@ -23,6 +27,8 @@ from collections import OrderedDict
 from typing import Any
 
 import numpy as np
+
+from runtime.errors import CarveError
 
 RESIDUAL_IN = "feature_cache.residual"
 RESIDUAL_OUT = "feature_cache.next_residual"
@@ -68,8 +74,11 @@ def _symbol_sizes(inputs: list[dict], feeds: dict) -> dict[str, int]:
 
 
 class StreamSession:
-    def __init__(self, session: Any, exact: int = 0):
-        self.session, self.exact = session, exact
+    def __init__(self, session: Any, exact: int = 0, refresh: int = 0):
+        if refresh < 0 or exact < 0:
+            raise CarveError(f"StreamSession needs exact >= 0 and refresh >= 0, got exact={exact}, refresh={refresh}.")
+        self.session, self.exact, self.refresh = session, exact, refresh
+        self._runs = 0
         self.stateful = has_state(session.inputs)
         self.outputs = [o["name"] for o in session.outputs if o["name"] not in _NOT_RESULTS]
         self.state: dict[str, np.ndarray] = {}
@@ -94,6 +103,9 @@ class StreamSession:
         if not self.stateful:
             self.recomputed += 1
             return self.session.run(feeds, self.outputs)
+        if self.refresh and self._runs % self.refresh == 0:
+            self.state = {}  # zero state: this call computes everything, and reused values start afresh
+        self._runs += 1
         batch = np.shape(next(iter(feeds.values())))[0]
         same_shape = bool(self.state) and all(v.shape[0] == batch for v in self.state.values())
         outs = self.session.run({**feeds, **(self.state if same_shape else {})})
@@ -105,7 +117,7 @@ class StreamSession:
         return {n: outs[n] for n in self.outputs}
 
     def reset(self) -> None:
-        self.state = {}
+        self.state, self._runs = {}, 0
 
 
 def _digest(feeds: dict) -> bytes:

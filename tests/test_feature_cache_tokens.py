@@ -133,6 +133,17 @@ def test_one_changed_patch_is_recomputed_and_counted(arts):
     assert not changed[[t for t in range(N) if t not in (0, 7)]].any()  # the rest reused bit for bit
 
 
+def test_refresh_drops_the_state_every_n_runs(arts):
+    _, cached, _ = arts
+    stream = StreamSession(cached, refresh=2)
+    frame = _image(2)
+    for _ in range(4):
+        stream.run({"pixel_values": frame})
+    assert stream.token_blocks_saved == 2 * (N - 1) * BLOCKS  # runs 1 and 3 computed everything
+    with pytest.raises(CarveError, match="refresh >= 0"):
+        StreamSession(cached, refresh=-1)
+
+
 def test_counter_with_a_later_gather_point(trace):
     model, _ = _apply(trace, "prune_tokens:mode=frames,fill=cache,threshold=0.001,after=2")
     frame = _image(3)
