@@ -63,10 +63,11 @@ def _row(name: str, logp: np.ndarray, top: np.ndarray, full_top: np.ndarray, kv:
 
 
 def format_policies(result: dict[str, Any]) -> str:
+    width = max([34] + [len(r["policy"]) + 2 for r in result["rows"]])
     lines = [f"KV eviction over {result['tokens']} tokens of held-out news (teacher forcing):", "",
-             f"{'policy':<34}{'perplexity':>12}{'agreement':>12}{'KV MB':>10}{'of full':>9}"]
+             f"{'policy':<{width}}{'perplexity':>12}{'agreement':>12}{'KV MB':>10}{'of full':>9}"]
     for r in result["rows"]:
-        lines.append(f"{r['policy']:<34}{r['perplexity']:>12.3f}{r['token_agreement']:>12.4f}"
+        lines.append(f"{r['policy']:<{width}}{r['perplexity']:>12.3f}{r['token_agreement']:>12.4f}"
                      f"{r['kv_bytes'] / 1e6:>10.2f}{r['kv_fraction']:>9.0%}")
     notes = [r["note"] for r in result["rows"] if r.get("note")]
     return "\n".join(lines + ([""] + notes if notes else []))
