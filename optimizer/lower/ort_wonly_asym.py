@@ -19,7 +19,8 @@ node carries the ``carve.quantize`` table record) read by Gathers and/or a tied 
   ``PER_CHANNEL_BLOCK``, which is exact, as for symmetric weights.
 
 Steps and offsets stored in float16 stay float16 in the artifact: the kernels read float32, so
-a ``Cast`` (and the adjusted offsets' ``Mul``/``Add``/``Transpose``) sit on constants, which ORT folds when the session loads, before the kernels pack their weights.
+a ``Cast`` (and the adjusted offsets' ``Mul``/``Add``/``Transpose``) sit on constants, which
+ORT folds when the session loads, before the kernels pack their weights.
 """
 
 from __future__ import annotations
