@@ -15,7 +15,8 @@ Cases:
 - ``threshold=0`` merges nothing (every vector is kept exactly); two identical layers merge with
   no loss beyond float rounding;
 - a zero vector has no direction: its angle to anything counts as 90 degrees, and if merged it
-  is reconstructed as zero (its norm) while the other layer keeps its own direction;
+  is reconstructed as zero (its norm) while the other layer keeps its own direction; opposite
+  vectors (180 degrees) have no interpolated direction and always stay unmerged;
 - keys are cached after RoPE. Both layers' keys at one position are rotated by the same
   orthogonal matrix (same head_dim, same frequencies), which keeps their norms and the angle
   between them, and SLERP commutes with it: merging post-RoPE keys is the same as merging them
@@ -53,7 +54,7 @@ class MergeSpec:
     def __post_init__(self) -> None:
         if not 0 <= self.threshold <= 180:
             raise FeedError(f"minicache threshold must be an angle in degrees from 0 to 180, got {self.threshold}; "
-                            "pairs of vectors further apart than it stay unmerged.")
+                            "pairs of vectors at that angle or wider stay unmerged.")
         if not 0 <= self.t <= 1:
             raise FeedError(f"minicache t must be between 0 and 1 (the SLERP weight of the second layer), got {self.t}.")
         if self.start is not None and self.start < 0:
@@ -85,7 +86,8 @@ def angles(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def slerp(a: np.ndarray, b: np.ndarray, t: float) -> np.ndarray:
     """Spherical interpolation between unit vectors (last axis), renormalised; at t=0.5 it is the
-    direction of ``a + b``. Nearly parallel pairs fall back to the (equal) linear blend."""
+    direction of ``a + b``. Nearly parallel or opposite pairs (sine near 0) fall back to the linear
+    blend, which for parallel ones is the same direction and for opposite ones zero."""
     cos = np.clip((a * b).sum(-1, keepdims=True), -1.0, 1.0)
     omega = np.arccos(cos)
     sin = np.sin(omega)
@@ -141,8 +143,9 @@ def merge_pair(a: np.ndarray, b: np.ndarray, spec: MergeSpec) -> MergedPair:
     norms = np.stack([np.linalg.norm(a, axis=-1), np.linalg.norm(b, axis=-1)], -1).astype(a.dtype)
     unit_a, unit_b = _unit(a), _unit(b)
     direction = slerp(unit_a, unit_b, spec.t).astype(a.dtype)
-    # strictly below the threshold, so threshold 0 merges nothing, not even parallel pairs
-    keep = ~(angles(a, b) < spec.threshold)
+    # strictly below the threshold, so threshold 0 merges nothing, not even parallel pairs; opposite
+    # vectors have no interpolated direction (it comes out zero) and stay unmerged too
+    keep = ~(angles(a, b) < spec.threshold) | ~direction.any(-1)
     retained = np.flatnonzero(keep).astype(np.int32)
     width = a.shape[-1]
     direction.reshape(-1, width)[retained] = a.reshape(-1, width)[retained]

@@ -90,6 +90,8 @@ def test_counts_and_reconstruction_for_known_angles():
     np.testing.assert_allclose(angles(rebuilt_a, a)[0, 0, :3], [2.5, 10, 14.5], atol=1e-3)  # half the angle
     np.testing.assert_array_equal(rebuilt_b[0, 0, 3:], b[0, 0, 3:])  # retained pairs as they were
     assert merged.merged_mask[0, 0].tolist() == [True, True, True, False, False, False]
+    opposite = merge_pair(a, -a, MergeSpec(threshold=180))  # 180 degrees: no direction between them, kept
+    assert opposite.merged == 0 and np.array_equal(opposite.reconstruct()[1], -a)
 
 
 def test_merged_bytes_match_the_stored_arrays():
