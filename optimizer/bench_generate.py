@@ -106,7 +106,7 @@ def _speculative_systems(artifact, prompt: np.ndarray, new_tokens: int, threads:
     from runtime.draft import load_draft
     from runtime.speculative import speculative_generate
 
-    session, draft = runtime.load(artifact, threads=threads), load_draft(artifact, threads=threads)
+    session, draft = runtime.load(artifact, threads=threads, spin=False), load_draft(artifact, threads=threads)
     system = System("carve-speculative", None, _bytes(artifact), "")
 
     def run() -> np.ndarray:

@@ -22,13 +22,14 @@ def cmd_generate(args) -> int:
     from runtime.sampling import Sampler
     from runtime.text import Text
 
-    session = runtime.load(args.artifact, threads=args.threads)
+    speculative = getattr(args, "speculative", None) is not None
+    session = runtime.load(args.artifact, threads=args.threads, spin=not speculative)  # see runtime.speculative
     text = None if args.ids else Text(args.artifact)
     prompt = _prompt_ids(args, text)
     stops = [] if args.ignore_eos or text is None else text.stop_tokens()
     sampler = Sampler(args.temperature, args.top_k, args.top_p, args.eta, args.seed)
     stream = _Stream(text) if text is not None and not args.json else None
-    if getattr(args, "speculative", None) is not None:
+    if speculative:
         result = _speculative(args, session, prompt, sampler, stops, stream)
     else:
         result = generate(session, [prompt], max_new_tokens=args.max_new_tokens, sampler=sampler, stop_tokens=stops,

@@ -10,12 +10,13 @@ from runtime.session import Session
 __all__ = ["load", "Session", "CarveError", "ArtifactError", "FeedError"]
 
 
-def load(path: str | Path, threads: int | None = None, verify: bool = True, **options) -> Session:
+def load(path: str | Path, threads: int | None = None, verify: bool = True, spin: bool = True, **options) -> Session:
     """Open the artifact directory ``path`` (written by ``carve optimize``) for running.
 
     The manifest's target picks the backend: ``torch`` artifacts run as a torch GraphModule
     (``options``: ``device``, ``compile``, ``matmul``; see ``runtime.torch_backend``), every
-    other target with ONNX Runtime on the CPU.
+    other target with ONNX Runtime on the CPU. ``spin=False`` stops ONNX Runtime's idle threads from
+    spin-waiting, for sessions that take turns with another (a speculative draft and its model).
     """
     from runtime.manifest import read_manifest
 
@@ -26,4 +27,4 @@ def load(path: str | Path, threads: int | None = None, verify: bool = True, **op
     if options:
         raise ArtifactError(f"{path} is an ONNX Runtime artifact; {', '.join(sorted(options))} apply only to "
                             "artifacts made with --target torch.")
-    return Session(path, threads=threads, verify=verify)
+    return Session(path, threads=threads, verify=verify, spin=spin)

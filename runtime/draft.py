@@ -45,13 +45,14 @@ def draft_path(path: str | Path) -> Path | None:
 
 
 def load_draft(path: str | Path, threads: int | None = None) -> Any:
-    """The artifact's draft as a session (its files verified like any artifact's)."""
+    """The artifact's draft as a session (its files verified like any artifact's), its ONNX Runtime
+    threads not spin-waiting: the model runs in between, and spinning threads slow it down."""
     import runtime
 
     where = draft_path(path)
     if where is None:
         raise ArtifactError(f"{path} has no self-draft for speculative decoding; {MAKE_DRAFT}.")
-    return runtime.load(where, threads=threads)
+    return runtime.load(where, threads=threads, spin=False)  # it takes turns with the model
 
 
 def check_pair(main: Any, draft: Any) -> None:

@@ -24,14 +24,14 @@ from runtime.manifest import read_manifest, verify_files
 
 
 class Session:
-    def __init__(self, path: str | Path, threads: int | None = None, verify: bool = True):
+    def __init__(self, path: str | Path, threads: int | None = None, verify: bool = True, spin: bool = True):
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
         if verify:
             verify_files(self.path, self.manifest)
         self.inputs: list[dict[str, Any]] = self.manifest["inputs"]
         self.outputs: list[dict[str, Any]] = self.manifest["outputs"]
-        self._ort = _open(self.path / self.manifest.get("model", "model.onnx"), threads)
+        self._ort = _open(self.path / self.manifest.get("model", "model.onnx"), threads, spin)
 
     @property
     def providers(self) -> list[str]:
@@ -52,11 +52,13 @@ class Session:
         return dict(zip(names, values))
 
 
-def _open(model_path: Path, threads: int | None) -> ort.InferenceSession:
+def _open(model_path: Path, threads: int | None, spin: bool = True) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads
+    if not spin:  # sessions that take turns (speculative decoding): idle threads spinning slow the other one
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         return ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # ORT raises its own pybind types

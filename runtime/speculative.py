@@ -18,6 +18,10 @@ cache just forgets the slots, which the mask then hides). The draft may lag by o
 (``runtime.bandit``) picks it per round from ``arms``, rewarded with tokens per second; arm 0 is a
 round of plain decoding, so ``auto`` can fall back to the model alone when the draft does not pay.
 
+Load both sessions with ``runtime.load(..., spin=False)`` (``runtime.draft.load_draft`` does for the
+draft): they take turns, and ONNX Runtime threads left spin-waiting after one session's call slow
+the other's (measured on 2 cores: a SmolLM2 step took 1.5x as long right after a draft step).
+
 Cases: one prompt (a batch is refused: rows would accept different counts); stop tokens and
 ``max_new_tokens`` end the output mid-round; a round never proposes past ``max_new_tokens``.
 Refused with one sentence: a batch, an empty prompt, ``gamma < 1``, ``max_new_tokens < 1``, an
