@@ -152,10 +152,24 @@ def merge_pair(a: np.ndarray, b: np.ndarray, spec: MergeSpec) -> MergedPair:
     return MergedPair(direction, norms, retained, b.reshape(-1, width)[retained].copy())
 
 
-def merged_bytes(vectors: int, retained: int, vector_bytes: int) -> int:
-    """Bytes of a merged pair of ``vectors`` (token, head) positions per layer: one direction and
-    two norms each, plus the retained positions' second vector and index."""
-    return vectors * (vector_bytes + 2 * NORM_BYTES) + retained * (vector_bytes + INDEX_BYTES)
+def merged_bytes(vectors: int, retained: int, one_vector: int) -> int:
+    """Bytes of a merged pair of ``vectors`` (token, head) positions per layer, a vector taking
+    ``one_vector`` bytes: one direction and two norms each, plus the retained positions' second
+    vector and index."""
+    return vectors * (one_vector + 2 * NORM_BYTES) + retained * (one_vector + INDEX_BYTES)
+
+
+def describe_saving(saved: int) -> str:
+    """What merging saved, or what it cost where retained pairs outweigh merged ones."""
+    if saved >= 0:
+        return f"{saved / 1e6:.1f} MB of KV saved"
+    return f"the merged form takes {-saved / 1e6:.1f} MB more than the full cache (retained pairs carry norms and indices)"
+
+
+def vector_bytes(kinds, index: int, scale: int | None) -> int:
+    """Bytes of one cached vector, its int8 scale included."""
+    size = kinds[index].width * kinds[index].dtype.itemsize
+    return size + (kinds[scale].width * kinds[scale].dtype.itemsize if scale is not None else 0)
 
 
 class MergedLayers:

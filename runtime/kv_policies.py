@@ -37,7 +37,8 @@ import numpy as np
 
 from runtime.errors import FeedError
 from runtime.kv import KVCache
-from runtime.kv_merge import MergeSpec, merge_pair, merged_bytes, parse_number, read_vectors, write_vectors
+from runtime.kv_merge import (MergeSpec, describe_saving, merge_pair, merged_bytes, parse_number, read_vectors,
+                              vector_bytes, write_vectors)
 
 
 class Policy(abc.ABC):
@@ -262,7 +263,7 @@ class MiniCache(Policy):
                                     read_vectors(cache, second, index, scale, self.done, end), self.spec)
                 for layer, rebuilt in zip((first, second), merged.reconstruct()):
                     write_vectors(cache, layer, index, scale, self.done, end, rebuilt, merged.merged_mask)
-                width = _vector_bytes(cache.layout.kinds, index, scale)
+                width = vector_bytes(cache.layout.kinds, index, scale)
                 self.vectors += merged.vectors
                 self.retained += len(merged.retained)
                 self.saved_bytes += 2 * merged.vectors * width - merged_bytes(merged.vectors, len(merged.retained), width)
@@ -279,13 +280,7 @@ class MiniCache(Policy):
         merged = self.vectors - self.retained
         return (f"KV policy minicache (window {self.window}, sinks {self.sinks}, threshold {self.spec.threshold:g} "
                 f"degrees): merged {merged} of {self.vectors} (token, head) vector pairs in merged layer pairs, K and V "
-                f"counted apart ({self.retained} retained unmerged), {self.saved_bytes / 1e6:.1f} MB of KV saved")
-
-
-def _vector_bytes(kinds, index: int, scale: int | None) -> int:
-    """Bytes of one cached vector, its int8 scale included."""
-    size = kinds[index].width * kinds[index].dtype.itemsize
-    return size + (kinds[scale].width * kinds[scale].dtype.itemsize if scale is not None else 0)
+                f"counted apart ({self.retained} retained unmerged), " + describe_saving(self.saved_bytes))
 
 
 POLICIES: dict[str, type[Policy]] = {"window": Window, "sinks": Sinks, "heavy": Heavy, "pyramid": Pyramid, "adaptive": Adaptive,
