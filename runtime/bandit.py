@@ -6,7 +6,10 @@ speculative loop reports its reward, the tokens the round produced (accepted dra
 target's own token) per second of the round; ``choose`` then picks the arm with the highest
 upper confidence bound, ``mean + c * sqrt(ln(t) / pulls)`` (UCB1). Rewards are scaled by the
 largest reward seen so far, so the bound's width is comparable to the means whatever the
-machine's speed (UCB1 assumes rewards in [0, 1]).
+machine's speed (UCB1 assumes rewards in [0, 1]). The exploration weight defaults to 0.2, not
+UCB1's sqrt(2): a generation lasts only tens to a few hundred rounds, and in a simulation of such
+runs (6 arms, geometric acceptance, 50-150 rounds) c = 0.2 kept 80-97% of the best fixed arm's
+throughput where sqrt(2) kept 43-97%, losing most when the draft does not pay at all.
 
 Cases: every arm is pulled once first, in the order given (deterministic); ties go to the
 earlier arm; ``exploration`` (c) 0 is pure greedy on the means. Arms must be distinct integers
@@ -27,7 +30,7 @@ DEFAULT_ARMS = (0, 1, 2, 3, 4, 6)
 @dataclass
 class UCBSpec:
     arms: tuple[int, ...] = DEFAULT_ARMS
-    exploration: float = math.sqrt(2)
+    exploration: float = 0.2
     pulls: dict[int, int] = field(init=False)
     _sums: dict[int, float] = field(init=False, repr=False)
     _scale: float = field(init=False, default=0.0, repr=False)

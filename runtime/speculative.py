@@ -98,9 +98,10 @@ class Decoder:
 def speculative_generate(session: Any, draft: Any, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64,
                          gamma: int | str = 4, sampler: Sampler | None = None, stop_tokens: Sequence[int] = (),
                          callback: Callable[[int, np.ndarray], None] | None = None,
-                         arms: Sequence[int] = DEFAULT_ARMS) -> SpeculativeGeneration:
-    """Generate like ``runtime.generate`` (one prompt) with ``draft`` proposing ``gamma`` tokens a round."""
-    chooser = _chooser(gamma, arms)
+                         arms: Sequence[int] = DEFAULT_ARMS, bandit: UCBSpec | None = None) -> SpeculativeGeneration:
+    """Generate like ``runtime.generate`` (one prompt) with ``draft`` proposing ``gamma`` tokens a round;
+    with ``gamma="auto"`` a ``bandit`` given here carries what it learnt from call to call."""
+    chooser = bandit if gamma == "auto" and bandit is not None else _chooser(gamma, arms)
     if len(prompts) != 1 or len(prompts[0]) == 0:
         raise FeedError("speculative decoding takes exactly one prompt with at least one token.")
     if max_new_tokens < 1:

@@ -198,6 +198,13 @@ def test_ucb_tries_every_arm_then_favours_the_best():
     assert bandit.describe()["best"] == 3
 
 
+def test_a_bandit_carries_over_between_generations(pair):
+    bandit = UCBSpec()
+    runs = [speculative_generate(*pair, [prompt], max_new_tokens=20, gamma="auto", bandit=bandit) for prompt in PROMPTS]
+    assert sum(bandit.pulls.values()) == sum(r.rounds for r in runs)
+    assert runs[-1].bandit["arms"]["0"]["pulls"] == bandit.pulls[0]
+
+
 @pytest.mark.parametrize("arms", [(), (1, 1), (-1, 2), (1.5,)])
 def test_bad_arms_are_refused(arms):
     with pytest.raises(FeedError, match="arms"):
