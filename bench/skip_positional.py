@@ -6,9 +6,11 @@ Each system is an artifact directory, optionally ``@min:max:start:end`` to repla
 schedule at run time (from the same ``first`` block) (``runtime.kv_step.Stepper``'s ``skip``), followed by a label. The first
 system is the reference: a cached decoder without skipping (``kv_cache:layer_masks=true``).
 
-- **speed**: greedy decoding of ``--new-tokens`` tokens after a ``--prompt-tokens`` prompt,
-  every system once per round in a rotating order (``--runs`` rounds after a warm-up round);
-  medians of the decode time (prefill excluded) and their ratio to the reference's.
+- **speed**: greedy decoding of ``--new-tokens`` tokens after a ``--prompt-tokens`` prompt by
+  every system in lockstep (step t of each, in a rotating order, before step t + 1 of any), so
+  load changes on a shared machine hit all alike; ``--runs`` rounds after a warm-up round;
+  medians of each system's summed decode time (prefill excluded) and their ratio to the
+  reference's.
 - **greedy match**: ``--prompts`` prompts of held-out news, ``--new-tokens`` greedy tokens each,
   against the reference's tokens (``optimizer.metrics.greedy_match``: the fraction reproduced
   before the first difference), and the fraction of positions whose token is the same.
@@ -82,17 +84,39 @@ def _decode(system: dict, prompt: np.ndarray, new: int, forced: np.ndarray | Non
 
 
 def speed(systems: list[dict], prompt: np.ndarray, new: int, runs: int) -> dict[str, dict]:
+    """Decode time per system, in lockstep: step t of every system (rotating which goes first)
+    before step t + 1 of any, so a change in the machine's load hits them alike."""
     times: dict[str, list[float]] = {s["label"]: [] for s in systems}
     for r in range(runs + 1):
-        k = r % len(systems)
-        for s in systems[k:] + systems[:k]:
-            _, _, _, seconds = _decode(s, prompt, new)
-            if r > 0:  # round 0 warms up
-                times[s["label"]].append(seconds)
+        spent = _lockstep(systems, prompt, new)
+        if r > 0:  # round 0 warms up
+            for label, seconds in spent.items():
+                times[label].append(seconds)
     base = statistics.median(times[systems[0]["label"]])
     return {label: {"decode_ms": statistics.median(t) * 1e3, "decode_tokens_per_s": (new - 1) / statistics.median(t),
                     "speedup": base / statistics.median(t), "runs_ms": [round(x * 1e3, 1) for x in t]}
             for label, t in times.items()}
+
+
+def _lockstep(systems: list[dict], prompt: np.ndarray, new: int) -> dict[str, float]:
+    """One greedy generation by every system, interleaved step by step; decode seconds each."""
+    steppers, logits = [], []
+    for s in systems:
+        cache = KVCache(KVLayout.of(s["session"].inputs), 1, len(prompt) + new + 1)
+        steppers.append(Stepper(s["session"], cache, s["skip"]))
+        out, _ = steppers[-1](prompt[None], np.ones((1, len(prompt)), np.int64), np.arange(len(prompt))[None])
+        logits.append(out[0, -1])
+    spent = [0.0] * len(systems)
+    for t in range(new - 1):
+        position = len(prompt) + t
+        order = list(range(len(systems)))
+        for i in order[t % len(order):] + order[:t % len(order)]:
+            token = np.array([[int(logits[i].argmax())]])
+            start = time.perf_counter()
+            out, _ = steppers[i](token, np.ones((1, position + 1), np.int64), np.array([[position]]))
+            spent[i] += time.perf_counter() - start
+            logits[i] = out[0, -1]
+    return {s["label"]: seconds for s, seconds in zip(systems, spent)}
 
 
 def greedy(systems: list[dict], prompts: list[np.ndarray], new: int) -> dict[str, dict]:
@@ -122,6 +146,17 @@ def forced(systems: list[dict], windows: list[np.ndarray], prompt_len: int) -> d
     return out
 
 
+def _line(label: str, result: dict) -> str:
+    sp = result["speed"][label]
+    line = (f"{label:<10} {str(result['schedules'][label]):<60} decode {sp['decode_tokens_per_s']:6.1f} tok/s "
+            f"{sp['speedup']:5.2f}x")
+    if "greedy" in result:
+        gr, fo = result["greedy"][label], result["forced"][label]
+        line += (f"  greedy match {gr['greedy_match']:.3f} same {gr['same_position']:.3f}  ppl {fo['perplexity']:7.2f} "
+                 f"top1 {fo['top1_agreement']:.3f}")
+    return line
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("systems", nargs="+", help="DIR[@min:max:start:end] LABEL pairs; the first is the reference")
@@ -131,21 +166,19 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--texts", type=int, default=4)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--speed-only", action="store_true", help="skip the greedy and teacher-forced measurements")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     systems = _systems(args.systems)
     prompts = [w[:args.prompt_tokens] for w in _windows(systems[0]["path"], args.prompts, args.prompt_tokens)]
     windows = _windows(systems[0]["path"], args.texts, args.prompt_tokens + args.forced_tokens)
     result = {"schedules": {s["label"]: s["schedule"] and s["schedule"].to_json() for s in systems},
-              "speed": speed(systems, prompts[0], args.new_tokens, args.runs),
-              "greedy": greedy(systems, prompts, args.new_tokens),
-              "forced": forced(systems, windows, args.prompt_tokens), "args": vars(args)}
+              "speed": speed(systems, prompts[0], args.new_tokens, args.runs), "args": vars(args)}
+    if not args.speed_only:
+        result["greedy"] = greedy(systems, prompts, args.new_tokens)
+        result["forced"] = forced(systems, windows, args.prompt_tokens)
     for s in systems:
-        label = s["label"]
-        sp, gr, fo = result["speed"][label], result["greedy"][label], result["forced"][label]
-        print(f"{label:<10} {str(result['schedules'][label]):<52} decode {sp['decode_tokens_per_s']:6.1f} tok/s "
-              f"{sp['speedup']:5.2f}x  greedy match {gr['greedy_match']:.3f} same {gr['same_position']:.3f}  "
-              f"ppl {fo['perplexity']:7.2f} top1 {fo['top1_agreement']:.3f}", flush=True)
+        print(_line(s["label"], result), flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

@@ -1,12 +1,14 @@
 """skip_layers:mode=positional (SkipDecode on a KV-cached decoder): structure (an If per skippable
-block, the count input), numerics (count 0 is the cached graph exactly; a skip of the lowest s
-blocks equals the statically skipped model fed the full model's upper-layer cache, step after
-step), counts, the runtime's bookkeeping (generate against a plain loop, per-layer lengths,
-padding) and the cases that must fail with a clear error."""
+block, the count input), numerics (count 0 is the cached graph exactly; skipping s blocks from
+block ``first`` equals the statically skipped model fed the full model's cache of the other
+blocks, step after step), counts, the runtime's bookkeeping (Stepper against a plain loop of
+Session.run calls, per-layer lengths, padding, run-time schedules) and the cases that must fail
+with a clear error."""
 
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
@@ -50,8 +52,6 @@ def plain() -> bytes:
 
 
 def _model(proto: bytes) -> ir.Model:
-    import onnx
-
     return ir.from_proto(onnx.load_from_string(proto))
 
 
