@@ -11,8 +11,9 @@ is drawn from ``normalize(max(0, p - q))``, so the output follows the model's di
 ``p`` (both after the sampler's temperature and truncation).
 
 Rejected tokens are rolled back in both caches (``KVCache.keep`` of the accepted prefix; a static
-cache just forgets the slots, which the mask then hides). The draft may lag by one or two tokens
-(the model's last token, a fully accepted last proposal); it reads them with its next proposal.
+cache just forgets the slots, which the mask then hides). The draft reads lazily: the prompt on
+its first round, and whatever it lags (the model's last token, a fully accepted last proposal,
+the tokens of rounds without the draft) with its next proposal, so rounds without it cost nothing.
 
 ``gamma`` is a fixed number of proposals per round, or ``"auto"``: a UCBSpec bandit
 (``runtime.bandit``) picks it per round from ``arms``, rewarded with tokens per second; arm 0 is a
@@ -134,20 +135,20 @@ class _Run:
         self.prompt, self.max_new, self.sampler, self.chooser = prompt, max_new, sampler, chooser
         self.seq = list(prompt)  # the model's cache holds all but the last token; the draft a prefix
         self.rounds = self.drafted = self.accepted = 0
+        self.catch_up = 0.0  # seconds the draft spent reading the prompt and lagging tokens this round
 
     def generate(self, stops: set[int], callback, gamma_label: str) -> SpeculativeGeneration:
         start = time.perf_counter()
         first = self._pick(self.model.feed(self.prompt)[-1:])[0]
         ttft = time.perf_counter() - start
-        self.draft.feed(self.prompt)
         out: list[int] = []
         done = self._emit([first], out, stops, callback)
         while not done:
             round_start = time.perf_counter()
             arm = self.chooser.choose() if isinstance(self.chooser, UCBSpec) else self.chooser
             new = self._round(min(arm, self.max_new - len(out) - 1))
-            if isinstance(self.chooser, UCBSpec):
-                self.chooser.record(arm, len(new) / (time.perf_counter() - round_start))
+            if isinstance(self.chooser, UCBSpec):  # the draft's catching up is not the arm's cost
+                self.chooser.record(arm, len(new) / (time.perf_counter() - round_start - self.catch_up))
             done = self._emit(new, out, stops, callback)
         seconds = time.perf_counter() - start
         kv = self.model.cache.nbytes() + self.draft.cache.nbytes()
@@ -186,7 +187,8 @@ class _Run:
     def _propose(self, gamma: int) -> tuple[list[int], list[np.ndarray]]:
         proposals: list[int] = []
         probs: list[np.ndarray] = []
-        pending = self.seq[self.draft.length:]  # what the draft has not read yet (at least one token)
+        self.catch_up = 0.0
+        pending = self._catch_up() if gamma else []
         for _ in range(gamma):
             row = self.draft.feed(pending)[-1]
             if self.sampler.greedy:
@@ -197,6 +199,16 @@ class _Run:
             proposals.append(token)
             pending = [token]
         return proposals, probs
+
+    def _catch_up(self) -> list[int]:
+        """Feed the draft what it has not read but the last token (the prompt, on its first round;
+        the tokens of rounds without the draft), timed apart; returns what is left to read."""
+        pending = self.seq[self.draft.length:]
+        if len(pending) > 2:
+            start = time.perf_counter()
+            self.draft.feed(pending[:-1])
+            self.catch_up, pending = time.perf_counter() - start, pending[-1:]
+        return pending
 
     def _pick(self, logits: np.ndarray) -> list[int]:
         return [int(t) for t in self.sampler(logits)]
