@@ -106,7 +106,7 @@ def cmd_eval(args) -> int:
 
     if args.kv_policies:
         return _eval_kv(args)
-    if args.stream:
+    if args.stream is not None:
         from optimizer.eval_stream import eval_stream, format_stream
 
         result = eval_stream(args.artifact, args.stream, args.scene, "moving" if args.moving else "scenes", args.refresh)

@@ -61,6 +61,9 @@ def eval_stream(artifact: str, frames: int, scene: int, source: str = "scenes", 
     from runtime.manifest import read_manifest
     from runtime.stream import StreamSession
 
+    if frames < 1 or scene < 1 or refresh < 0:
+        raise CarveError(f"--stream needs at least 1 frame, --scene at least 1 and --refresh at least 0 (0: never); "
+                         f"got {frames}, {scene} and {refresh}.")
     manifest = read_manifest(artifact)
     record = _reuse_record(artifact, manifest)
     pixels = next(i for i in manifest["inputs"] if i["name"] == "pixel_values")

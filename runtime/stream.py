@@ -76,7 +76,8 @@ def _symbol_sizes(inputs: list[dict], feeds: dict) -> dict[str, int]:
 class StreamSession:
     def __init__(self, session: Any, exact: int = 0, refresh: int = 0):
         if refresh < 0 or exact < 0:
-            raise CarveError(f"StreamSession needs exact >= 0 and refresh >= 0, got exact={exact}, refresh={refresh}.")
+            raise CarveError(f"StreamSession takes exact >= 0 (inputs remembered) and refresh >= 0 (0: never drop the "
+                             f"state), got exact={exact}, refresh={refresh}.")
         self.session, self.exact, self.refresh = session, exact, refresh
         self._runs = 0
         self.stateful = has_state(session.inputs)

@@ -214,6 +214,8 @@ def test_eval_stream_needs_a_reuse_pass(arts):
     plain, _, _ = arts
     with pytest.raises(CarveError, match="neither feature_cache nor prune_tokens:mode=frames"):
         eval_stream(str(plain.path), 4, 2)
+    with pytest.raises(CarveError, match="at least 1 frame"):
+        eval_stream(str(plain.path), 0, 2)
 
 
 # --- bad input -------------------------------------------------------------------------------------
