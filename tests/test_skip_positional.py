@@ -1,5 +1,5 @@
 """skip_layers:mode=positional (SkipDecode on a KV-cached decoder): structure (an If per skippable
-block, the count input), numerics (count 0 is the cached graph exactly; skipping s blocks from
+block, the count input), numerics (ORT and the torch target) (count 0 is the cached graph exactly; skipping s blocks from
 block ``first`` equals the statically skipped model fed the full model's cache of the other
 blocks, step after step), counts, the runtime's bookkeeping (Stepper against a plain loop of
 Session.run calls, per-layer lengths, padding, run-time schedules) and the cases that must fail
@@ -256,6 +256,20 @@ def test_run_time_schedule(artifacts):
         _stepped(ramp, [TOKENS[0]], [5], 1, SkipSchedule(1, 1, 0, 0, first=1))
     with pytest.raises(FeedError, match="can bypass 0"):
         _stepped(cached, [TOKENS[0]], [5], 1, SkipSchedule(1, 1, 0, 0))
+
+
+def test_torch_target_runs_it_too(plain, artifacts, tmp_path):
+    """The If branches lower to torch submodules; the torch backend follows the same schedule."""
+    path = tmp_path / "plain.onnx"
+    path.write_bytes(plain)
+    art = optimizer.optimize(str(path), passes=["kv_cache:layer_masks=true",
+                                                 "skip_layers:mode=positional,min=1,max=3,start=6,end=10"],
+                             target="torch", output=tmp_path / "torch")
+    expected, ort_cache = _stepped(runtime.load(artifacts["ramp"].path), [TOKENS[0]], [5], 7)
+    got, cache = _stepped(runtime.load(art.path), [TOKENS[0]], [5], 7)
+    for a, b in zip(expected, got):
+        np.testing.assert_allclose(b, a, rtol=0, atol=1e-4)
+    assert cache.lengths == ort_cache.lengths == [5, 8, 10, 12]
 
 
 def test_generate_runs_the_schedule(artifacts):
