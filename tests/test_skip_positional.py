@@ -1,9 +1,9 @@
 """skip_layers:mode=positional (SkipDecode on a KV-cached decoder): structure (an If per skippable
-block, the count input), numerics (ORT and the torch target) (count 0 is the cached graph exactly; skipping s blocks from
+block, the count input), numerics (count 0 is the cached graph exactly; skipping s blocks from
 block ``first`` equals the statically skipped model fed the full model's cache of the other
 blocks, step after step), counts, the runtime's bookkeeping (Stepper against a plain loop of
-Session.run calls, per-layer lengths, padding, run-time schedules) and the cases that must fail
-with a clear error."""
+Session.run calls, per-layer lengths, padding, run-time schedules, the torch target) and the
+cases that must fail with a clear error."""
 
 from __future__ import annotations
 
