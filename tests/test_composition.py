@@ -54,3 +54,21 @@ def test_prune_tokens_then_quantize(tmp_path):
     graph = onnx.load(str(both.path / "model.onnx")).graph
     ops = {n.op_type for n in graph.node}
     assert "TopK" in ops and "GatherND" in ops and ops & {"DynamicQuantizeMatMul", "MatMulInteger", "MatMulIntegerToFloat"}
+
+
+def test_skip_prune_and_quantize_in_one_pipeline(tmp_path):
+    """All three lossy families at once: each record shows its sites, and the output stays close to
+    the pruned-and-skipped float model (quantization's own loss only)."""
+    spec = registry.get("tiny-bert")
+    feeds = {k: v.numpy() for k, v in spec.example_inputs(4, 24).items()}
+    shape = ["skip_layers:blocks=1", "prune_tokens:keep=0.5,after=2"]
+    floats = optimize("tiny-bert", passes=shape, output=tmp_path / "float")
+    three = optimize("tiny-bert", passes=[*shape, "quantize:mode=dynamic"], output=tmp_path / "three")
+    records = three.manifest["passes"]
+    assert [r["name"] for r in records] == ["skip_layers", "prune_tokens", "quantize"]
+    assert records[0]["sites"] == 1 and records[1]["sites"] >= 1 and records[2]["sites"] == 18  # 3 blocks x 6 matmuls
+    graph = onnx.load(str(three.path / "model.onnx"), load_external_data=False).graph
+    assert any(n.op_type == "TopK" for n in graph.node)  # the static keep count survives quantizing
+    a = floats.load().run(feeds)["sentence_embedding"]
+    b = three.load().run(feeds)["sentence_embedding"]
+    assert float(np.mean((a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1))) > 0.99
