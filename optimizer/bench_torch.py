@@ -1,7 +1,7 @@
 """``carve bench DIR --target torch``: a torch-target artifact against the original model on one torch device.
 
-Systems, each built, run once, warmed up, then timed round-robin (run i of every system, then
-run i+1) with the device synchronized around every call, so the ratios hold on a busy machine:
+Systems, each built, run once, warmed up, then timed in rounds (every system once per round, in a
+shuffled order, as ``carve bench`` does) with the device synchronized after every call:
 
 - ``hf-eager``: the original Hugging Face / torch module, eager (the baseline of every ratio);
 - ``hf-compile``: the same module under ``torch.compile``;
@@ -20,7 +20,6 @@ device this machine lacks.
 from __future__ import annotations
 
 import statistics
-import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -136,19 +135,26 @@ def _artifact_call(session, feeds: dict, main: str) -> Call:
 
 
 def interleave(systems: dict[str, Call], runs: int, warmup: int, device) -> dict[str, list[float]]:
-    """Seconds per call of every system: ``warmup`` untimed rounds, then ``runs`` timed ones."""
+    """Seconds per call of every system: ``warmup`` untimed rounds, then ``runs`` rounds of the
+    bench's shuffled interleaving (``optimizer.bench_systems.interleave``), each call ending
+    with the device synchronized so its time includes the work it queued."""
+    from optimizer.bench_systems import System
+    from optimizer.bench_systems import interleave as shuffled_rounds
+
+    rows = [System(name, _synced(call, device)) for name, call in systems.items()]
     for _ in range(warmup):
-        for call in systems.values():
-            call()
-    times: dict[str, list[float]] = {name: [] for name in systems}
-    for _ in range(runs):
-        for name, call in systems.items():
-            sync(device)
-            start = time.perf_counter()
-            call()
-            sync(device)
-            times[name].append(time.perf_counter() - start)
-    return times
+        for row in rows:
+            row.run()
+    shuffled_rounds(rows, runs)
+    return {row.name: row.times for row in rows}
+
+
+def _synced(call: Call, device) -> Call:
+    def run():
+        out = call()
+        sync(device)
+        return out
+    return run
 
 
 def sync(device) -> None:
