@@ -46,7 +46,7 @@ def bench_generation(spec, carve: System, baseline: System, want_hf: bool, runs:
                      prompt_tokens: int | None = None) -> dict[str, Any]:
     """Time greedy generation of ``new_tokens`` tokens, interleaved, and compare the tokens."""
     tok = spec.tokenizer()
-    prompt, prompt_text = _prompt(tok, prompt_tokens)
+    prompt, prompt_text = bench_prompt(tok, prompt_tokens)
     cached = _cached_system(artifact, prompt, new_tokens, threads, carve)
     stepped = ([] if cached is not None else [_recompute("carve", carve)]) + [_recompute("ort-fp32", baseline)]
     whole: list[System] = [cached] if cached is not None else []
@@ -68,7 +68,8 @@ def bench_generation(spec, carve: System, baseline: System, want_hf: bool, runs:
             "rows": _rows(table, new_tokens)}
 
 
-def _prompt(tok, prompt_tokens: int | None) -> tuple[np.ndarray, str]:
+def bench_prompt(tok, prompt_tokens: int | None) -> tuple[np.ndarray, str]:
+    """The benchmark prompt: a fixed sentence, or ``prompt_tokens`` tokens of held-out Shakespeare."""
     if prompt_tokens is None:
         return np.asarray(tok(PROMPT)["input_ids"], dtype=np.int64)[None], PROMPT
     from models import data

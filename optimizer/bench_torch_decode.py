@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from optimizer.bench import BenchError
-from optimizer.bench_generate import HF_LOADERS, _prompt
+from optimizer.bench_generate import HF_LOADERS, bench_prompt
 from optimizer.bench_torch import artifact_systems, sync
 from optimizer.progress import Progress
 
@@ -33,7 +33,7 @@ def bench_decode(spec, artifacts: dict[str, Path], device: str, runs: int, warmu
         raise BenchError(f"{spec.name} has no Hugging Face causal LM to compare decoding with.")
     for path in artifacts.values():
         _check_layout(path)
-    prompt, text = _prompt(spec.tokenizer(), prompt_tokens)
+    prompt, text = bench_prompt(spec.tokenizer(), prompt_tokens)
     ids = torch.from_numpy(prompt).to(device)
     with progress.step(f"loading {spec.name} (Hugging Face) and the artifact on {device}"):
         systems = decode_systems(spec, artifacts, ids, new_tokens, device, backend)
