@@ -10,7 +10,8 @@ Modes:
   (a float offset per block, ``passes.quantize_asym``); activations stay float
   (``passes.quantize_wonly``, ``passes.quantize_block``);
 - ``w8a8``: int8 weights and static per-tensor symmetric int8 activations, the activation
-  scale from calibration (the ``percentile`` of |x|, or of |x/s| after smoothing).
+  scale from calibration (the ``percentile`` of |x|, or of |x/s| after smoothing); 2-D
+  ``Conv``/``ConvTranspose`` nodes are sites too in this mode (``passes.quantize_conv``).
 
 Accuracy aids, both decided per group of sites reading the same activation from calibration
 statistics (``optimizer.calibrate``):
@@ -45,12 +46,14 @@ import onnx_ir as ir
 from optimizer.calibrate import zero_channels
 from optimizer.pipeline import Pass, PassContext, PassResult, register
 from passes import quantize_asym_graph as asym_graph
+from passes import quantize_conv
 from passes import quantize_extras as extras
 from passes import quantize_math as qm
 from passes import quantize_wonly as wonly
 from passes.quantize_calib import clip_on, statistics
 from passes.quantize_block import awq_factors, check_block, quantize_clipped
 from passes.quantize_rewrite import activation_qdq, as_matmul, constant, foldable, quantize_weight, scaled_input
+from passes.quantize_conv import find_conv_sites
 from passes.quantize_sites import Site, find_sites, read_weight, select, skip_words
 from passes.quantize_split import outlier_channels, producer_chain, split
 from runtime.errors import PassError
@@ -116,11 +119,13 @@ class Quantize(Pass):
             raise PassError(f"quantize needs ONNX opset 13 or newer (per-channel DequantizeLinear) but the model "
                             f"has opset {model.opset_imports.get('', 0)}; export it with a newer opset.")
         fmt = wonly.weight_format(opts)
-        model_map, sites, skipped, notes = _sites(model, ctx, opts.skip)
+        model_map, sites, skipped, notes = _sites(model, ctx, opts)
+        convs, skipped_convs = _conv_sites(model, model_map, opts)
         tables = extras.Tables.find(model, model_map, opts, fmt)
         notes += tables.notes + extras.lift_opset(model, fmt, tables.fmt)
         groups = _groups(sites)
-        stats, calib_note, batches = statistics(model, ctx, opts, [x.name for x, _ in groups] + tables.head_inputs(),
+        stats, calib_note, batches = statistics(model, ctx, opts, [x.name for x, _ in groups] + tables.head_inputs()
+                                                 + [c.input.name for c in convs],
                                                  gram=[x.name for x, _ in groups] if opts.gptq else [])
         kv = extras.kv_scales(model, model_map, batches, opts.kv)
         splits = _split_outliers(model.graph, groups, sites, stats, opts)
@@ -138,7 +143,8 @@ class Quantize(Pass):
         records = [_apply(model.graph, plan, opts, fmt, float_blocks) for plan in plans]
         for record in records:
             record["float_channels"] = splits.get(record["input"], [])
-        details = _details(opts, fmt, records, skipped, notes + [calib_note])
+        records += quantize_conv.apply(model.graph, convs, stats, opts.percentile)
+        details = _details(opts, fmt, records, skipped + skipped_convs, notes + [calib_note])
         details.update(tables.apply(model.graph))
         details.update({k: v for k, v in (("budget", budget), ("kv_scales", kv)) if v is not None})
         if kv is not None:
@@ -147,18 +153,27 @@ class Quantize(Pass):
         return PassResult(model=model, sites=quantized + len(tables.tables), details=details)
 
 
-def _sites(model: ir.Model, ctx: PassContext, skip: tuple[str, ...]):
+def _sites(model: ir.Model, ctx: PassContext, opts):
     """(model map, sites kept, sites skipped, notes)."""
     model_map, notes = _map(model, ctx)
     every = find_sites(model, model_map)
-    if not every:
+    convs = opts.mode == "w8a8" and find_conv_sites(model, model_map)
+    if not every and not convs:
         raise PassError("there is no MatMul with constant weights to quantize in this model; quantize only applies "
-                        "to models with linear layers.")
+                        "to models with linear layers (and, in mode w8a8, convolutions).")
     blocks = len(getattr(model_map, "blocks", None) or [])
-    kept, skipped, more = select(every, skip, blocks)
-    if not kept:
-        raise PassError(f"skip={'+'.join(skip)} leaves no MatMul to quantize; skip fewer sites.")
+    kept, skipped, more = select(every, opts.skip, blocks)
+    if not kept and not convs:
+        raise PassError(f"skip={'+'.join(opts.skip)} leaves no MatMul to quantize; skip fewer sites.")
     return model_map, kept, skipped, notes + more
+
+
+def _conv_sites(model: ir.Model, model_map, opts) -> tuple[list, list]:
+    """(convolutions to quantize, convolutions skipped): w8a8 only (``passes.quantize_conv``)."""
+    if opts.mode != "w8a8":
+        return [], []
+    kept, skipped, _ = select(find_conv_sites(model, model_map), opts.skip, 0)
+    return kept, skipped
 
 
 def _map(model: ir.Model, ctx: PassContext):

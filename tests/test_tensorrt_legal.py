@@ -71,6 +71,30 @@ def test_qdq_placement_rules(kwargs, node, reason):
     assert any(o.node == node and reason in o.reason for o in found), found
 
 
+def _two_matmuls(second: str):
+    """Q/DQ MatMul whose output is quantized again, then read by ``second`` (MatMul: its input; Relu: not)."""
+    model = onnx.load_from_string(ir.serde.serialize_model(_qdq_matmul()).SerializeToString())
+    g = model.graph
+    g.node.remove(next(n for n in g.node if n.name == "out"))
+    g.node.extend([helper.make_node("QuantizeLinear", ["y0", "s", "z"], ["yq"], name="out_q"),
+                   helper.make_node("DequantizeLinear", ["yq", "s", "z"], ["yd"], name="out_dq")])
+    if second == "MatMul":
+        g.initializer.append(_init("w2", np.ones((3, 3), np.float32)))
+        g.node.extend([helper.make_node("QuantizeLinear", ["w2", "ws", "z3"], ["w2q"], name="w2_q", axis=1),
+                       helper.make_node("DequantizeLinear", ["w2q", "ws", "z3"], ["w2d"], name="w2_dq", axis=1),
+                       helper.make_node("MatMul", ["yd", "w2d"], ["y"], name="mm2")])
+        g.initializer.append(_init("z3", np.zeros(3, np.int8)))
+    else:
+        g.node.append(helper.make_node("Relu", ["yd"], ["y"], name="relu"))
+    return ir.serde.deserialize_model(model)
+
+
+def test_output_quantization_is_legal_only_as_the_next_weighted_input():
+    assert not [o for o in check(_two_matmuls("MatMul")) if o.node == "out_q"]
+    found = check(_two_matmuls("Relu"))
+    assert any(o.node == "out_q" and "output of weighted op" in o.reason for o in found), found
+
+
 def test_unsupported_operators_are_named():
     nodes = [helper.make_node("Relu", ["x"], ["a"], name="fine"),
              helper.make_node("Unique", ["a"], ["u"], name="uniq"),

@@ -12,6 +12,7 @@ constant int8 tensor (``passes.quantize_rewrite``). Output, per mode (measured o
 - ``w8a8``: the static activation pair ``QuantizeLinear``/``DequantizeLinear`` becomes one
   ``QuantizeLinear`` to uint8 (zero point 128, the same grid as symmetric int8) feeding
   ``com.microsoft.MatMulIntegerToFloat`` per site, bias folded in.
+- ``Conv``/``ConvTranspose`` decisions (``w8a8``): ``QLinearConv`` chains (``optimizer.lower.ort_conv``).
 - ``w8``, ``w4`` and quantized embedding tables: ``com.microsoft.MatMulNBits`` and
   ``GatherBlockQuantized`` (``optimizer.lower.ort_wonly``; measured faster than leaving
   ``DequantizeLinear`` + ``MatMul`` to ORT, docs/quantize.md).
@@ -27,6 +28,7 @@ from collections import defaultdict
 import numpy as np
 import onnx_ir as ir
 
+from optimizer.lower.ort_conv import lower_convs
 from optimizer.lower.ort_fuse import fuse
 from optimizer.lower.ort_wonly import lower_weight_only
 from passes.quantize_rewrite import constant, decision
@@ -82,6 +84,7 @@ def lower_quantized(model: ir.Model, weight_only: str = "nbits") -> dict:
             kernels["DequantizeLinear+MatMul"] += len(group)
     if weight_only == "nbits":
         kernels.update(lower_weight_only(model))
+    kernels.update(lower_convs(model))
     model.opset_imports.setdefault(MS, 1)
     _drop_unused(model)
     return {"fusions": fused, "kernels": dict(kernels), "quantized_matmuls": len(sites)}

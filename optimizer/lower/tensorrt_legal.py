@@ -155,9 +155,18 @@ def _quantize(node: ir.Node) -> list[str]:
     if any(use.node.op_type != "DequantizeLinear" for use in out.uses()) or out.is_graph_output():
         reasons.append("its output is read by something other than DequantizeLinear")
     source = node.inputs[0].producer() if node.inputs[0] is not None else None
-    if source is not None and source.op_type in _WEIGHTED and _has_quantized_weight(source):
+    if (source is not None and source.op_type in _WEIGHTED and _has_quantized_weight(source)
+            and not _quantizes_weighted_inputs(out)):
         reasons.append(f"quantizes the output of weighted op {source.name!r}; TensorRT quantizes inputs of weighted ops")
     return reasons
+
+
+def _quantizes_weighted_inputs(q_out: ir.Value) -> bool:
+    """Whether every DequantizeLinear of ``q_out`` feeds only weighted ops' data inputs (a conv
+    chain's next input: TensorRT fuses that as the first op's int8 output)."""
+    dqs = [use.node for use in q_out.uses()]
+    return bool(dqs) and all(dq.op_type == "DequantizeLinear" and dq.outputs[0].uses() and all(
+        use.node.op_type in _WEIGHTED and use.idx == 0 for use in dq.outputs[0].uses()) for dq in dqs)
 
 
 def _dequantize(node: ir.Node, opset: int) -> list[str]:

@@ -8,7 +8,9 @@ explicit-quantization form (inputs of weighted ops quantized, outputs not, per-c
 only on weights, no int32 bias DequantizeLinear: the bias stays a float Add), so per mode:
 
 - ``w8``: kept; TensorRT runs weight-only int8 (dequantize into the GEMM);
-- ``w8a8``: kept; TensorRT fuses Q/DQ into an int8 GEMM;
+- ``w8a8``: kept; TensorRT fuses Q/DQ into an int8 GEMM (and the convolution sites,
+  ``passes.quantize_conv``, into int8 convolutions: weights per output channel on axis 0 for
+  Conv, 1 for ConvTranspose);
 - ``dynamic``: TensorRT has no run-time int8 activation quantization (``DynamicQuantizeLinear``
   is not in its ONNX parser) and static scales need calibration the decision did not make, so
   it is lowered as weight-only int8: the same int8 weights, activations in float. This is
@@ -24,7 +26,9 @@ only on weights, no int32 bias DequantizeLinear: the bias stays a float Add), so
   head) are stored dequantized: weight DequantizeLinear is fused only into the MatMul reading it;
 - ``fp8=True`` turns every ``w8a8`` site into FP8 E4M3: the activation pair keeps its clipping
   range (scale x 127 / 448) with a float8 zero point, the weights are re-quantized per output
-  channel to E4M3 (scale = max|W_col| / 448). Opset >= 19.
+  channel to E4M3 (scale = max|W_col| / 448). Opset >= 19. A site whose activation is the
+  model's input (a vision model's patch embedding reads the image) stays int8: E4M3's 3
+  mantissa bits on the raw image cost tiny-vit's output cosine 0.9949 against 0.995 and more.
 
 Graphs below the opset a form needs are converted with onnxscript's version converter.
 """
@@ -43,12 +47,14 @@ from runtime.errors import PassError
 FP8_MAX = 448.0  # largest finite float8 e4m3fn
 INT8_MAX = 127.0
 INT4 = (ir.DataType.INT4, ir.DataType.UINT4)
+# Decided ops: MatMul (weight [K, N]) and the w8a8 convolutions (passes.quantize_conv).
+_SITE_OPS = ("MatMul", "Conv", "ConvTranspose")
 
 
 def lower_qdq(model: ir.Model, fp8: bool = False) -> dict:
     """Make the decided sites TensorRT-legal in place; returns counts by mode and the opset used."""
     _refuse_asymmetric(model)
-    sites = [n for n in model.graph if n.op_type == "MatMul" and decision(n) and _weight_dq(n) is not None]
+    sites = [n for n in model.graph if n.op_type in _SITE_OPS and decision(n) and _weight_dq(n) is not None]
     if fp8 and not any(decision(n)["mode"] == "w8a8" for n in sites):
         raise PassError("fp8 for TensorRT converts w8a8 decisions but the graph has none; "
                         "run the quantize pass with mode=w8a8 first.")
@@ -61,8 +67,8 @@ def lower_qdq(model: ir.Model, fp8: bool = False) -> dict:
         if dq.inputs[0].dtype in INT4:
             _symmetric_int4(model.graph, dq)
             mode = "w4"
-        elif mode == "w8a8" and fp8:
-            _weight_to_fp8(model.graph, dq)
+        elif mode == "w8a8" and fp8 and not _reads_model_input(node):
+            _weight_to_fp8(model.graph, dq, 0 if node.op_type == "Conv" else 1)
             act = node.inputs[0].producer()
             if act is not None and act.op_type == "DequantizeLinear":
                 activations[id(act)] = act
@@ -74,6 +80,9 @@ def lower_qdq(model: ir.Model, fp8: bool = False) -> dict:
     if tables:
         notes.append(f"{tables} quantized table(s) read by Gather or Transpose stored dequantized: carve fuses "
                      "weight DequantizeLinear for TensorRT only into the GEMM that reads it")
+    if fp8 and modes["w8a8"]:
+        notes.append(f"{modes['w8a8']} site(s) reading the model's input kept int8: float8 e4m3 would round "
+                     "the raw input (an image) to 3 mantissa bits")
     if modes["w8 (from dynamic)"]:
         notes.append("mode dynamic lowered as weight-only int8: TensorRT has no run-time int8 activation "
                      "quantization and static scales need calibration (use quantize:mode=w8a8)")
@@ -104,6 +113,16 @@ def ensure_opset(model: ir.Model, minimum: int) -> int:
     return model.opset_imports.get("", 0)
 
 
+def _reads_model_input(node: ir.Node) -> bool:
+    """Whether the site's activation Q/DQ quantizes a graph input (through Casts)."""
+    dq = node.inputs[0].producer()
+    quant = dq.inputs[0].producer() if dq is not None and dq.op_type == "DequantizeLinear" else None
+    x = quant.inputs[0] if quant is not None and quant.op_type == "QuantizeLinear" else None
+    while x is not None and x.producer() is not None and x.producer().op_type == "Cast":
+        x = x.producer().inputs[0]
+    return x is not None and x.is_graph_input()
+
+
 def _weight_dq(node: ir.Node) -> ir.Node | None:
     value = node.inputs[1] if len(node.inputs) > 1 else None
     dq = value.producer() if value is not None else None
@@ -116,17 +135,28 @@ def _const(value: ir.Value) -> np.ndarray:
     return ir.convenience.get_const_tensor(value).numpy()
 
 
-def _dequantized(dq: ir.Node) -> np.ndarray:
-    """The float weight a (per-tensor or per-axis-1) int8 DequantizeLinear computes."""
+def _dequantized(dq: ir.Node, axis: int = 1) -> np.ndarray:
+    """The float weight a per-tensor or per-``axis`` int8 DequantizeLinear computes."""
     q, scale = _const(dq.inputs[0]).astype(np.float32), _const(dq.inputs[1]).astype(np.float32)
     zero = _const(dq.inputs[2]).astype(np.float32) if len(dq.inputs) > 2 and dq.inputs[2] is not None else 0.0
-    return (q - zero) * scale
+    return (q - _along(np.asarray(zero), axis, q.ndim)) * _along(scale, axis, q.ndim)
 
 
-def _weight_to_fp8(graph: ir.Graph, dq: ir.Node) -> None:
-    weight = _dequantized(dq)
-    scale = np.maximum(np.abs(weight).max(axis=0), 1e-12).astype(np.float32) / FP8_MAX
-    q = (weight / scale).astype(ml_dtypes.float8_e4m3fn)
+def _along(values: np.ndarray, axis: int, ndim: int) -> np.ndarray:
+    """Per-axis values shaped to broadcast along ``axis`` of an ``ndim`` tensor (a scalar as is)."""
+    if values.ndim == 0:
+        return values
+    shape = [1] * ndim
+    shape[axis] = -1
+    return values.reshape(shape)
+
+
+def _weight_to_fp8(graph: ir.Graph, dq: ir.Node, axis: int) -> None:
+    """Re-quantize a weight to E4M3 per output channel (``axis``: 1 for MatMul [K, N] and ConvTranspose, 0 for Conv)."""
+    weight = _dequantized(dq, axis)
+    others = tuple(i for i in range(weight.ndim) if i != axis)
+    scale = np.maximum(np.abs(weight).max(axis=others), 1e-12).astype(np.float32) / FP8_MAX
+    q = (weight / _along(scale, axis, weight.ndim)).astype(ml_dtypes.float8_e4m3fn)
     old = list(dq.inputs[:2])
     base = old[0].name or dq.name
     dq.replace_input_with(0, constant(graph, f"{base}_fp8", q))
@@ -134,7 +164,7 @@ def _weight_to_fp8(graph: ir.Graph, dq: ir.Node) -> None:
     for value in old:
         drop_if_unused(graph, value)
     _drop_zero_point(dq)
-    dq.attributes["axis"] = ir.AttrInt64("axis", 1)
+    dq.attributes["axis"] = ir.AttrInt64("axis", axis)
 
 
 def _activation_to_fp8(graph: ir.Graph, dq: ir.Node) -> None:
@@ -191,11 +221,11 @@ def _drop_zero_point(dq: ir.Node) -> None:
 
 
 def _float_tables(graph: ir.Graph) -> int:
-    """Constant DequantizeLinear outputs read other than as a MatMul weight become float constants."""
+    """Constant DequantizeLinear outputs read other than as a MatMul or convolution weight become float constants."""
     count = 0
     for dq in [n for n in graph if n.op_type == "DequantizeLinear"]:
         out = dq.outputs[0]
-        if not out.uses() or all(u.node.op_type == "MatMul" and u.idx == 1 for u in out.uses()):
+        if not out.uses() or all(u.node.op_type in _SITE_OPS and u.idx == 1 for u in out.uses()):
             continue
         if any(ir.convenience.get_const_tensor(v) is None for v in dq.inputs if v is not None):
             continue
