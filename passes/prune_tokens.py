@@ -5,6 +5,8 @@ Modes (``mode``):
   block before the gather point, from the CLS query (``source=cls``) or averaged over queries
   (``source=mean``); ``auto`` takes CLS when a leading token is protected (MiniLM at keep 0.5
   after block 2: embedding cosine 0.920 with CLS against 0.890 with the mean), else the mean;
+  ``source=next`` takes the CLS row of the pruned block itself, computed from its own query and
+  key projections of every token before the gather (``passes.prune_tokens_lookahead``);
 - ``pagerank`` (Zero-TPrune): weighted PageRank over that block's head-averaged attention;
 - ``diverse`` (DivPrune): the max-min diverse subset of the stream's token features;
 - ``frames`` (TimeChat-Online): keep the tokens that changed most since the previous frame (a
@@ -82,7 +84,7 @@ class PruneTokens(Pass):
         schedule: tuple[float, ...] | None = None  # per-block keep ratios instead of keep/after
         r: int = 0  # merge: token pairs merged per block
         threshold: float | None = None  # ORT only: a score threshold instead of a fixed K
-        source: Literal["auto", "cls", "mean"] = "auto"  # attention: CLS row or mean over queries
+        source: Literal["auto", "cls", "mean", "next"] = "auto"  # attention: CLS row, mean over queries, or next: the pruned block's own CLS row
         iterations: int = 10  # pagerank power iterations
         protect: int = 1  # leading tokens always kept (the CLS)
         protect_ids: tuple[int, ...] = ()  # token ids always kept (e.g. [SEP])

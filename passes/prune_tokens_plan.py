@@ -2,7 +2,8 @@
 
 ``stages`` turns ``after``/``keep`` or a ``schedule`` into stages at block boundaries, each
 reading the model map: the gather point is the block's residual-stream input, and the attention
-criteria read the previous block's probabilities. ``tokens_of`` reads the token dim, the static
+criteria read the previous block's probabilities (``source=next``: the pruned block's own query
+and key projections, ``passes.prune_tokens_lookahead``). ``tokens_of`` reads the token dim, the static
 token count, the attention-mask input and the token-id input off the graph.
 """
 
@@ -13,6 +14,7 @@ from typing import Any
 import onnx_ir as ir
 
 from passes.prune_tokens_cache import check_cache_options
+from passes.prune_tokens_lookahead import check_site
 from passes.prune_tokens_scores import TOPK_LIMIT
 from passes.prune_tokens_side import TokenDim
 from passes.prune_tokens_stage import Stage, Tokens
@@ -73,13 +75,14 @@ def stages(model_map: Any, graph_values: dict[str, ir.Value], opts: Any) -> list
     out, current = [], 1.0
     for index, ratio in enumerate(ratios):
         if ratio < current or (opts.schedule is None and index == default_after(opts)):
-            out.append(Stage(index, ratio, graph_values[blocks[index].input], _probs(model_map, graph_values, index, opts)))
+            out.append(Stage(index, ratio, graph_values[blocks[index].input], _probs(model_map, graph_values, index, opts),
+                             _next_qk(model_map, graph_values, index, opts)))
             current = ratio
     return out
 
 
 def _probs(model_map: Any, values: dict[str, ir.Value], index: int, opts: Any) -> ir.Value | None:
-    if opts.mode not in ("attention", "pagerank"):
+    if opts.mode not in ("attention", "pagerank") or opts.source == "next":
         return None
     if index == 0:
         raise PassError(f"prune_tokens mode={opts.mode} ranks tokens by the attention of the block before the gather "
@@ -89,6 +92,15 @@ def _probs(model_map: Any, values: dict[str, ir.Value], index: int, opts: Any) -
         raise PassError(f"prune_tokens mode={opts.mode} needs attention probabilities, but block {index - 1} has no "
                         "Softmax (fused or no attention); use mode=diverse, which needs none.")
     return values[site.probs]
+
+
+def _next_qk(model_map: Any, values: dict[str, ir.Value], index: int, opts: Any) -> tuple | None:
+    """``source=next``: (q, k, heads, head_dim) of the pruned block itself (``prune_tokens_lookahead``)."""
+    if opts.source != "next":
+        return None
+    site = model_map.blocks[index].attention
+    check_site(site, index, opts)
+    return values[site.q], values[site.k], site.heads, site.head_dim
 
 
 def tokens_of(graph: ir.Graph, model_map: Any, first: ir.Value, target: str) -> Tokens:

@@ -20,6 +20,7 @@ import onnx_ir as ir
 
 from passes import prune_tokens_scores as sc
 from passes.prune_tokens_diverse import diverse_picks
+from passes.prune_tokens_lookahead import next_block_scores
 from passes.prune_tokens_ops import Ops, gather_tokens
 from passes.prune_tokens_side import TokenDim
 from runtime.errors import PassError
@@ -43,6 +44,7 @@ class Stage:
     ratio: float  # fraction of the original N that the blocks from here on see
     gather: ir.Value  # the stream value entering ``block``
     probs: ir.Value | None  # the previous block's attention probabilities
+    next_qk: tuple | None = None  # source=next: this block's (q, k, heads, head_dim)
 
 
 @dataclass
@@ -116,6 +118,8 @@ def _scores(ops: Ops, stage: Stage, x: ir.Value, valid, opts: Any, frame_state, 
         return change, passing
     if opts.mode == "pagerank":
         scores = sc.pagerank_scores(ops, stage.probs, valid, opts.iterations)
+    elif source == "next":
+        scores = next_block_scores(ops, x, *stage.next_qk, valid)
     else:
         scores = sc.attention_scores(ops, stage.probs, source)
     if opts.threshold is None:
