@@ -25,7 +25,7 @@ import numpy as np
 import onnx_ir as ir
 
 from passes.quantize_math import QMAX
-from passes.quantize_rewrite import META, activation_qdq, constant, drop_if_unused
+from passes.quantize_rewrite import META, activation_qdq, constant, drop_if_unused, fresh_name
 
 OPS = ("Conv", "ConvTranspose")
 
@@ -118,7 +118,7 @@ def _dequantized_weight(graph: ir.Graph, site: ConvSite, q: np.ndarray, scale: n
     base = old.name or site.node.name
     dq = ir.node("DequantizeLinear", [constant(graph, f"{base}_int8", q), constant(graph, f"{base}_scale", scale)],
                  attributes={"axis": site.axis}, name=f"{site.node.name}_weight_dq")
-    dq.outputs[0].name = f"{base}_dq"
+    dq.outputs[0].name = fresh_name(graph, f"{base}_dq")
     dq.outputs[0].type, dq.outputs[0].shape = ir.TensorType(ir.DataType.FLOAT), ir.Shape(q.shape)
     graph.insert_before(site.node, [dq])
     site.node.replace_input_with(1, dq.outputs[0])

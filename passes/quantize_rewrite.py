@@ -42,6 +42,15 @@ def constant(graph: ir.Graph, base: str, array: np.ndarray, dtype: ir.DataType |
     return value
 
 
+def fresh_name(graph: ir.Graph, base: str) -> str:
+    """``base``, or ``base_N``, not yet naming a value of ``graph`` (two sites may share one weight)."""
+    taken = {v.name for n in graph for v in n.outputs} | set(graph.initializers) | {v.name for v in graph.inputs}
+    name, i = base, 1
+    while name in taken:
+        name, i = f"{base}_{i}", i + 1
+    return name
+
+
 def base_name(site: Site) -> str:
     weight = site.node.inputs[1]
     return weight.name if weight is not None and weight.name else site.node.name
@@ -89,7 +98,7 @@ def quantize_weight(graph: ir.Graph, site: Site, q: np.ndarray, scale: np.ndarra
     attributes = {"axis": 0, "block_size": block} if block else ({"axis": 1} if scale.ndim else {})
     dq = ir.node("DequantizeLinear", [constant(graph, f"{base}_int{bits}", q, dtype), constant(graph, f"{base}_scale", scale)],
                  attributes=attributes, name=f"{site.node.name}_weight_dq")
-    dq.outputs[0].name = f"{base}_dq"
+    dq.outputs[0].name = fresh_name(graph, f"{base}_dq")
     dq.outputs[0].type, dq.outputs[0].shape = ir.TensorType(ir.DataType.FLOAT), ir.Shape(q.shape)
     graph.insert_before(site.node, [dq])
     site.node.replace_input_with(1, dq.outputs[0])

@@ -284,6 +284,35 @@ def test_gemm_whose_output_is_the_graph_output(mode):
     assert _cosine(run(model, feeds), run(build(), feeds)) > 0.99
 
 
+@pytest.mark.parametrize("mode", ["dynamic", "w8", "w8a8"])
+def test_two_matmuls_sharing_one_weight(mode):
+    """Two sites reading one weight initializer (prune_tokens source=next's cloned query projection
+    does this) each get their own DequantizeLinear, with distinct names, and the graph stays valid."""
+    import onnx
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((16, 8)).astype(np.float32)
+    x1 = ir.Value(name="x1", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(["batch", 16]))
+    x2 = ir.Value(name="x2", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(["batch", 16]))
+    wv = ir.Value(name="w", const_value=ir.tensor(w, name="w"), shape=ir.Shape([16, 8]), type=ir.TensorType(ir.DataType.FLOAT))
+    a, b = ir.node("MatMul", [x1, wv], name="a"), ir.node("MatMul", [x2, wv], name="b")
+    for node, name in ((a, "ya"), (b, "yb")):
+        node.outputs[0].name, node.outputs[0].type = name, ir.TensorType(ir.DataType.FLOAT)
+        node.outputs[0].shape = ir.Shape(["batch", 8])
+    graph = ir.Graph([x1, x2], [a.outputs[0], b.outputs[0]], nodes=[a, b], initializers=[wv], opset_imports={"": 20}, name="g")
+    feeds = {"x1": rng.standard_normal((4, 16)).astype(np.float32), "x2": rng.standard_normal((4, 16)).astype(np.float32)}
+    options = {"mode": mode, **({"calib": "example"} if mode == "w8a8" else {})}
+    model, records = run_pipeline(ir.Model(graph, ir_version=10), [PassSpec("quantize", options)], PassContext(example_feeds=feeds))
+    assert records[0].sites == 2
+    proto = ir.serde.serialize_model(model)
+    onnx.checker.check_model(proto, full_check=True)
+    names = [o for n in proto.graph.node for o in n.output]
+    assert len(names) == len(set(names))
+    got = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+    assert _cosine(got[0], feeds["x1"] @ w) > 0.99 and _cosine(got[1], feeds["x2"] @ w) > 0.99
+
+
 @pytest.mark.slow
 def test_smollm2_dynamic_artifact_loads_and_runs(tmp_path):
     """Grouped-query attention is left unfused: a half-fused SDPA node would not load in ORT."""
