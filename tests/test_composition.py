@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import onnx
 
 from models import registry
@@ -32,18 +33,20 @@ def test_skip_then_quantize(tmp_path):
     assert np.abs(out_skip - out_both).max() < np.abs(out_plain - out_both).max()  # and survives quantizing
 
 
-def test_prune_tokens_then_quantize(tmp_path):
+@pytest.mark.parametrize("source, cloned", [("", 0), (",source=next", 2)])  # next: Q and K projections cloned
+def test_prune_tokens_then_quantize(tmp_path, source, cloned):
     spec = registry.get("tiny-bert")
     feeds = {k: v.numpy() for k, v in spec.example_inputs(4, 24).items()}
+    prune = "prune_tokens:keep=0.5,after=2" + source
     plain = optimize("tiny-bert", output=tmp_path / "plain").load()
-    pruned = optimize("tiny-bert", passes=["prune_tokens:keep=0.5,after=2"], output=tmp_path / "prune")
-    both = optimize("tiny-bert", passes=["prune_tokens:keep=0.5,after=2", "quantize:mode=dynamic"], output=tmp_path / "both")
+    pruned = optimize("tiny-bert", passes=[prune], output=tmp_path / "prune")
+    both = optimize("tiny-bert", passes=[prune, "quantize:mode=dynamic"], output=tmp_path / "both")
 
     records = both.manifest["passes"]
     assert [r["name"] for r in records] == ["prune_tokens", "quantize"]
     assert records[0]["sites"] == 1 and records[0]["details"]["stages"][0]["block"] == 2
     alone = optimize("tiny-bert", passes=["quantize:mode=dynamic"], output=tmp_path / "q").manifest["passes"][0]["sites"]
-    assert records[1]["sites"] == alone  # pruning keeps every weight matmul; all are still quantized
+    assert records[1]["sites"] == alone + cloned  # pruning keeps every weight matmul; all are still quantized
 
     out_plain = plain.run(feeds)["sentence_embedding"]
     out_pruned = pruned.load().run(feeds)["sentence_embedding"]
