@@ -71,7 +71,8 @@ W8_MIN_GAIN = 0.2
 class Quantize(Pass):
     name = "quantize"
     summary = ("int8/int4 MatMul weights (per channel or block-wise) and embedding tables; dynamic, weight-only "
-               "or static int8 activations; budget-driven mixed precision; KV-cache scales (lossy)")
+               "or static int8 activations (w8a8 also quantizes convolutions); budget-driven mixed precision; "
+               "KV-cache scales (lossy)")
     exact = False
 
     @dataclass
