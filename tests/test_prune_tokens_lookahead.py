@@ -8,9 +8,7 @@ from __future__ import annotations
 import collections
 
 import numpy as np
-import onnx
 import onnx_ir as ir
-import onnxruntime as ort
 import pytest
 
 from models import data, registry
@@ -21,6 +19,7 @@ from optimizer.structure import build_map
 from optimizer.trace_cache import cached_trace
 from optimizer.lower.tensorrt_legal import check
 from runtime.errors import PassError
+from test_prune_tokens import _run as run_graph, _text_feeds  # the pass's own test helpers
 
 
 @pytest.fixture(scope="module")
@@ -35,20 +34,7 @@ def _prune(proto, text: str, target: str = "ort-cpu"):
 
 
 def _run(model, feeds, outputs=()) -> dict[str, np.ndarray]:
-    proto = ir.serde.serialize_model(model) if isinstance(model, ir.Model) else model
-    for name in outputs:
-        proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    names = [o.name for o in session.get_outputs()]
-    return dict(zip(names, session.run(names, feeds)))
-
-
-def _text_feeds(batch: int = 3, seq: int = 24) -> dict[str, np.ndarray]:
-    feeds = {k: v.numpy() for k, v in registry.get("tiny-bert").example_inputs(batch, seq).items()}
-    feeds["attention_mask"][1:, seq // 2:] = 0
-    return feeds
+    return run_graph(model, feeds, outputs, optimize=False)
 
 
 def test_the_query_and_key_path_is_cloned_once_per_stage(traced):
