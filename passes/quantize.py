@@ -120,8 +120,7 @@ class Quantize(Pass):
             raise PassError(f"quantize needs ONNX opset 13 or newer (per-channel DequantizeLinear) but the model "
                             f"has opset {model.opset_imports.get('', 0)}; export it with a newer opset.")
         fmt = wonly.weight_format(opts)
-        model_map, sites, skipped, notes = _sites(model, ctx, opts)
-        convs, skipped_convs = _conv_sites(model, model_map, opts)
+        model_map, sites, convs, skipped, notes = _sites(model, ctx, opts)
         tables = extras.Tables.find(model, model_map, opts, fmt)
         notes += tables.notes + extras.lift_opset(model, fmt, tables.fmt)
         groups = _groups(sites)
@@ -145,7 +144,7 @@ class Quantize(Pass):
         for record in records:
             record["float_channels"] = splits.get(record["input"], [])
         records += quantize_conv.apply(model.graph, convs, stats, opts.percentile)
-        details = _details(opts, fmt, records, skipped + skipped_convs, notes + [calib_note])
+        details = _details(opts, fmt, records, skipped, notes + [calib_note])
         details.update(tables.apply(model.graph))
         details.update({k: v for k, v in (("budget", budget), ("kv_scales", kv)) if v is not None})
         if kv is not None:
@@ -155,26 +154,19 @@ class Quantize(Pass):
 
 
 def _sites(model: ir.Model, ctx: PassContext, opts):
-    """(model map, sites kept, sites skipped, notes)."""
+    """(model map, matmul sites kept, convolution sites kept (w8a8 only), sites skipped, notes)."""
     model_map, notes = _map(model, ctx)
     every = find_sites(model, model_map)
-    convs = opts.mode == "w8a8" and find_conv_sites(model, model_map)
+    convs = find_conv_sites(model, model_map) if opts.mode == "w8a8" else []
     if not every and not convs:
         raise PassError("there is no MatMul with constant weights to quantize in this model; quantize only applies "
                         "to models with linear layers (and, in mode w8a8, convolutions).")
     blocks = len(getattr(model_map, "blocks", None) or [])
     kept, skipped, more = select(every, opts.skip, blocks)
-    if not kept and not convs:
+    kept_convs, skipped_convs, _ = select(convs, opts.skip, 0)
+    if not kept and not kept_convs:
         raise PassError(f"skip={'+'.join(opts.skip)} leaves no MatMul to quantize; skip fewer sites.")
-    return model_map, kept, skipped, notes + more
-
-
-def _conv_sites(model: ir.Model, model_map, opts) -> tuple[list, list]:
-    """(convolutions to quantize, convolutions skipped): w8a8 only (``passes.quantize_conv``)."""
-    if opts.mode != "w8a8":
-        return [], []
-    kept, skipped, _ = select(find_conv_sites(model, model_map), opts.skip, 0)
-    return kept, skipped
+    return model_map, kept, kept_convs, skipped + skipped_convs, notes + more
 
 
 def _map(model: ir.Model, ctx: PassContext):

@@ -136,8 +136,9 @@ def test_dynamic_and_weight_only_modes_leave_convolutions_float():
 
 
 def test_skip_outside_and_grouped_convolutions():
-    model, record, _ = _decided({**W8A8, "skip": ("outside",)})
-    assert not _weight_axes(model) and len(record.details["skipped"]) == 6
+    # every site of this map-less model is `outside`: skipping them leaves nothing, which is an error
+    with pytest.raises(PassError, match="leaves no MatMul to quantize"):
+        _decided({**W8A8, "skip": ("outside",)})
     model, record, _ = _decided(W8A8, groups=2)  # up1 grouped: not a site
     assert len(_weight_axes(model)) == 4
 
@@ -193,3 +194,16 @@ def test_vit_s_decoder_runs_int8_and_keeps_its_saliency(tmp_path):
 def _run_named(model: ir.Model, feeds: dict) -> np.ndarray:
     data = ir.serde.serialize_model(model).SerializeToString()
     return ort.InferenceSession(data, providers=["CPUExecutionProvider"]).run(["saliency"], feeds)[0]
+
+
+def test_skip_embeddings_leaves_a_vit_patch_embedding_float():
+    from models import registry
+    from optimizer.trace_cache import cached_trace
+
+    spec = registry.get("tiny-vit")
+    feeds = {k: v.numpy() for k, v in spec.example_inputs(2, 0).items()}
+    model, records = run_pipeline(cached_trace(spec, Progress()), [PassSpec("quantize", {**W8A8, "skip": ("embeddings",)})],
+                                  PassContext(example_feeds=feeds))
+    assert not _weight_axes(model) and records[0].details["skipped"] == ["embeddings:" + next(
+        n.name for n in model.graph if n.op_type == "Conv")]
+    assert records[0].sites > 0  # the matmuls are still quantized
