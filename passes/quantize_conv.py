@@ -24,8 +24,9 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
+from passes import quantize_math as qm
 from passes.quantize_math import QMAX
-from passes.quantize_rewrite import META, activation_qdq, constant, drop_if_unused, fresh_name
+from passes.quantize_rewrite import META, activation_qdq, read_dequantized
 
 OPS = ("Conv", "ConvTranspose")
 
@@ -75,13 +76,10 @@ def _weight(node: ir.Node) -> np.ndarray | None:
 
 
 def quantize_weight(weight: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric int8 per output channel: (q, scale[out])."""
-    moved = np.moveaxis(weight, axis, 0).reshape(weight.shape[axis], -1)
-    scale = np.maximum(np.abs(moved).max(axis=1), 1e-12) / QMAX
-    shape = [1] * weight.ndim
-    shape[axis] = -1
-    q = np.clip(np.round(weight / scale.reshape(shape)), -QMAX, QMAX).astype(np.int8)
-    return q, scale.astype(np.float32)
+    """Symmetric int8 per output channel (``axis``): (q, scale[out])."""
+    moved = np.moveaxis(weight, axis, -1)  # [..., out], read as [K, N] by the matmul quantizer
+    q, scale = qm.quantize_weight(moved.reshape(-1, moved.shape[-1]))
+    return np.moveaxis(q.reshape(moved.shape), -1, axis), scale
 
 
 def apply(graph: ir.Graph, sites: list[ConvSite], stats: dict, percentile: float) -> list[dict]:
@@ -106,20 +104,8 @@ def _quantize(graph: ir.Graph, site: ConvSite) -> float:
     shape = [1] * 4
     shape[site.axis] = -1
     error = float(np.abs(q * scale.reshape(shape) - site.weight).max() / max(np.abs(site.weight).max(), 1e-12))
-    _dequantized_weight(graph, site, q, scale)
+    read_dequantized(graph, site.node, site.node.inputs[1].name or site.node.name, q, scale, {"axis": site.axis})
     site.node.metadata_props[META] = json.dumps(
         {"mode": "w8a8", "site": site.name, "role": "conv", "block": None, "bits": 8, "per_channel": True},
         sort_keys=True)
     return error
-
-
-def _dequantized_weight(graph: ir.Graph, site: ConvSite, q: np.ndarray, scale: np.ndarray) -> None:
-    old = site.node.inputs[1]
-    base = old.name or site.node.name
-    dq = ir.node("DequantizeLinear", [constant(graph, f"{base}_int8", q), constant(graph, f"{base}_scale", scale)],
-                 attributes={"axis": site.axis}, name=f"{site.node.name}_weight_dq")
-    dq.outputs[0].name = fresh_name(graph, f"{base}_dq")
-    dq.outputs[0].type, dq.outputs[0].shape = ir.TensorType(ir.DataType.FLOAT), ir.Shape(q.shape)
-    graph.insert_before(site.node, [dq])
-    site.node.replace_input_with(1, dq.outputs[0])
-    drop_if_unused(graph, old)

@@ -92,17 +92,23 @@ def quantize_weight(graph: ir.Graph, site: Site, q: np.ndarray, scale: np.ndarra
     along K (axis 0 with ``block_size``, opset 21); ``bits`` 4 stores ``q`` as INT4.
     """
     as_matmul(graph, site)
-    base = base_name(site)
-    old = site.node.inputs[1]
-    dtype = ir.DataType.INT4 if bits == 4 else ir.DataType.INT8
     attributes = {"axis": 0, "block_size": block} if block else ({"axis": 1} if scale.ndim else {})
+    read_dequantized(graph, site.node, base_name(site), q, scale, attributes, bits)
+    site.node.metadata_props[META] = json.dumps(info, sort_keys=True)
+
+
+def read_dequantized(graph: ir.Graph, node: ir.Node, base: str, q: np.ndarray, scale: np.ndarray,
+                     attributes: dict, bits: int = 8) -> None:
+    """Make ``node`` read its weight (input 1) as ``DequantizeLinear(q, scale)``; the old weight
+    is dropped when nothing else reads it. ``bits`` 4 stores ``q`` as INT4."""
+    old = node.inputs[1]
+    dtype = ir.DataType.INT4 if bits == 4 else ir.DataType.INT8
     dq = ir.node("DequantizeLinear", [constant(graph, f"{base}_int{bits}", q, dtype), constant(graph, f"{base}_scale", scale)],
-                 attributes=attributes, name=f"{site.node.name}_weight_dq")
+                 attributes=attributes, name=f"{node.name}_weight_dq")
     dq.outputs[0].name = fresh_name(graph, f"{base}_dq")
     dq.outputs[0].type, dq.outputs[0].shape = ir.TensorType(ir.DataType.FLOAT), ir.Shape(q.shape)
-    graph.insert_before(site.node, [dq])
-    site.node.replace_input_with(1, dq.outputs[0])
-    site.node.metadata_props[META] = json.dumps(info, sort_keys=True)
+    graph.insert_before(node, [dq])
+    node.replace_input_with(1, dq.outputs[0])
     drop_if_unused(graph, old)
 
 
