@@ -28,6 +28,7 @@ import onnx_ir as ir
 
 from passes.graph_util import ancestors
 from passes.prune_tokens_ops import Ops
+from passes.prune_tokens_side import downstream
 from runtime.errors import PassError
 
 MASKED = -1.0e4
@@ -98,10 +99,5 @@ def _constant(value: ir.Value) -> bool:
 
 
 def _path_nodes(graph: ir.Graph, start: ir.Value, needed: set[int]) -> list[ir.Node]:
-    """Nodes downstream of ``start`` whose outputs feed the targets, in graph order."""
-    reached, out = {id(start)}, []
-    for node in graph:
-        if any(v is not None and id(v) in reached for v in node.inputs) and any(id(v) in needed for v in node.outputs):
-            out.append(node)
-            reached.update(id(v) for v in node.outputs)
-    return out
+    """Nodes downstream of ``start`` whose outputs feed the targets (``needed``), in graph order."""
+    return [n for n in downstream(graph, [start]) if any(id(v) in needed for v in n.outputs)]
